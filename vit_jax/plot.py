@@ -1,0 +1,130 @@
+"""Training curves from workdirs' `metrics.jsonl`: loss, test accuracy, learning rate, img/s.
+
+  python -m vit_jax.plot WORKDIR [WORKDIR ...] [--out curves.png]
+
+Runs are overlaid, one colour each, labelled by workdir name. A metric a run never logged is
+skipped for that run (a panel no run logged says so). The trainer calls `plot_workdirs` at each
+eval to refresh `curves.png` in its workdir.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from vit_jax.errors import UserError
+
+# (panel title, y label, [(metric key, line style, legend suffix)], log-scale y)
+PANELS = (
+    ('loss', 'loss', [('train_loss', '-', 'train'), ('test_loss', '--', 'test')], True),
+    ('test accuracy', 'accuracy',
+     [('test_accuracy', '-', 'top-1'), ('test_top5_accuracy', ':', 'top-5')], False),
+    ('learning rate', 'learning rate', [('learning_rate', '-', '')], False),
+    ('throughput', 'images / second', [('img_per_sec', '-', '')], False),
+)
+
+
+def read_metrics(workdir):
+  """`{metric: (steps, values)}` from `workdir/metrics.jsonl`, each sorted by step.
+
+  A resumed run logs again the steps after its checkpoint; the later rows win. A last line cut
+  off mid-write (a run still going) is skipped; a broken line elsewhere is a UserError.
+  """
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.isfile(path):
+    raise UserError(f'{path} does not exist; pass workdirs that train.py wrote')
+  with open(path) as f:
+    lines = f.read().split('\n')
+  series = {}   # metric -> list of (step, value), steps increasing
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+      step = int(row['step'])
+    except (ValueError, KeyError, TypeError) as e:
+      if number == len(lines):   # no trailing newline yet: being written right now
+        continue
+      raise UserError(f'{path} line {number} is not a JSON object with a step ({e})') from None
+    for name, value in row.items():
+      if name == 'step' or not isinstance(value, (int, float)):
+        continue
+      points = series.setdefault(name, [])
+      while points and points[-1][0] >= step:   # a resume: drop what it logs again
+        points.pop()
+      points.append((step, float(value)))
+  return {name: (np.array([s for s, _ in points]), np.array([v for _, v in points]))
+          for name, points in series.items()}
+
+
+def run_labels(workdirs):
+  """One label per workdir: its name, or its path as given when names clash."""
+  names = [os.path.basename(os.path.normpath(d)) for d in workdirs]
+  return [name if names.count(name) == 1 else os.path.normpath(d)
+          for name, d in zip(names, workdirs)]
+
+
+def plot_workdirs(workdirs, out_png):
+  """Writes the curves of `workdirs` (one colour each) to `out_png` (1000 x 700 px).
+
+  The file is replaced atomically, so a viewer never sees it half written.
+  """
+  fig = curves_figure(workdirs)
+  tmp_png = f'{out_png}.tmp'
+  fig.savefig(tmp_png, format='png')
+  os.replace(tmp_png, out_png)
+
+
+def curves_figure(workdirs):
+  """The matplotlib `Figure` that `plot_workdirs` writes: 2 x 2 panels, one per `PANELS`."""
+  if not workdirs:
+    raise UserError('no workdirs given; pass at least one')
+  runs = [(label, read_metrics(d)) for label, d in zip(run_labels(workdirs), workdirs)]
+  fig = Figure(figsize=(10, 7), dpi=100)
+  colours = [f'C{i % 10}' for i in range(len(runs))]
+  for index, (title, ylabel, metrics, log_scale) in enumerate(PANELS):
+    ax = fig.add_subplot(2, 2, index + 1)
+    drawn = False
+    for colour, (label, series) in zip(colours, runs):
+      for key, style, suffix in metrics:
+        if key not in series:
+          continue
+        steps, values = series[key]
+        ax.plot(steps, values, style, color=colour, marker='.' if len(steps) < 20 else None,
+                label=f'{label} {suffix}'.strip())
+        drawn = True
+    ax.set_title(title)
+    ax.set_xlabel('step')
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if not drawn:
+      ax.text(0.5, 0.5, 'not logged', ha='center', va='center', transform=ax.transAxes)
+      continue
+    if log_scale and all(np.all(series[k][1] > 0) for _, series in runs
+                         for k, _, _ in metrics if k in series):
+      ax.set_yscale('log')
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  return fig
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+      prog='python -m vit_jax.plot', description='Training curves from workdirs.')
+  parser.add_argument('workdirs', nargs='+', metavar='WORKDIR')
+  parser.add_argument('--out', default='curves.png', help='PNG to write (default: curves.png)')
+  args = parser.parse_args(argv)
+  try:
+    plot_workdirs(args.workdirs, args.out)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(f'wrote {args.out}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
