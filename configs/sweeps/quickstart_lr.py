@@ -1,0 +1,16 @@
+"""Learning rate × warmup for the quickstart (a 2 × 2 grid).
+
+    python -m vit_jax.sweep configs/sweeps/quickstart_lr.py
+    python -m vit_jax.sweep summarize workdirs/sweeps/quickstart_lr
+"""
+
+from vit_jax.sweep import axis, product
+
+base_config = 'configs/quickstart.py'
+
+
+def get_sweep():
+  return product(
+      axis('schedule.base_lr', [1e-3, 3e-3]),
+      axis('schedule.warmup_steps', [0, 10]),
+  )
