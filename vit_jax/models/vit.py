@@ -1,0 +1,443 @@
+"""The Vision Transformer (Dosovitskiy et al. 2020), in Flax linen.
+
+The path an image takes:
+  images (N, H, W, C)
+  -> `embedding`: a P x P conv with stride P, one D-vector per patch   (N, H/P, W/P, D)
+  -> flatten to tokens, prepend the class token `cls` (classifier='token')
+  -> `Transformer`: add position embeddings, insert register tokens, dropout,
+     L pre-LayerNorm blocks (LN -> attention -> residual; LN -> MLP -> residual),
+     final LayerNorm `encoder_norm`
+  -> pool (class token, mean, attention probe, or none)
+  -> `pre_logits` (Dense + tanh, only with representation_size) -> `head` (zero-initialised).
+
+Module and parameter names are those of the published vit_jax checkpoints, so those files load
+as they are. Options follow big_vision: defaults live in the dataclass fields.
+"""
+
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.errors import UserError
+from vit_jax.models import resnet
+
+CLASSIFIERS = ('token', 'gap', 'map', 'unpooled')
+POSEMBS = ('learn', 'sincos2d')
+REMAT_POLICIES = {
+    'none': None,  # No remat at all.
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+ATTENTION_IMPLS = {'auto': None, 'xla': 'xla', 'cudnn': 'cudnn'}
+
+Dtype = Any
+
+
+def _check_choice(what, value, valid):
+  if value not in valid:
+    raise UserError(f'unknown {what} {value!r}; valid: {", ".join(map(str, valid))}')
+
+
+def posemb_prefix_tokens(model_kwargs):
+  """How many tokens before the patch tokens carry a position embedding: 1 with a class token.
+
+  Reads the model config (the dict `vit_jax.models.model_kwargs` returns) rather than guessing
+  from a token count: a 14x14 grid has 196 tokens, 197 with a class token.
+  """
+  return 1 if model_kwargs.get('classifier') == 'token' else 0
+
+
+def posemb_sincos_2d(grid_hw, width, temperature=10_000., dtype=jnp.float32):
+  """Fixed 2-D sine-cosine position embeddings (MoCo v3 / big_vision): (1, gh * gw, width)."""
+  if width % 4:
+    raise UserError(f'posemb=sincos2d needs a width divisible by 4, got {width}')
+  y, x = jnp.mgrid[:grid_hw[0], :grid_hw[1]]
+  omega = jnp.arange(width // 4) / (width // 4 - 1)
+  omega = 1. / (temperature**omega)
+  y = jnp.einsum('m,d->md', y.flatten(), omega)
+  x = jnp.einsum('m,d->md', x.flatten(), omega)
+  pe = jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
+  return jnp.asarray(pe, dtype)[None, :, :]
+
+
+def resize_posemb(posemb, new_grid_hw, num_prefix_tokens, old_grid_hw=None):
+  """Resizes a learned position-embedding table to a new patch grid, bilinearly.
+
+  Args:
+    posemb: (1, num_prefix_tokens + gh * gw, D), as stored under
+      `Transformer/posembed_input/pos_embedding`.
+    new_grid_hw: (gh', gw') of the new grid; need not be square.
+    num_prefix_tokens: entries before the grid that are kept as they are (the class token):
+      use `posemb_prefix_tokens(model_kwargs)`, never a guess from the token count.
+    old_grid_hw: (gh, gw) of the stored grid; None: square, inferred from the token count.
+
+  Returns:
+    (1, num_prefix_tokens + gh' * gw', D), a numpy array when `posemb` was one, else a jax
+    array; the same object when the grid does not change.
+  """
+  posemb_shape = tuple(posemb.shape)
+  if len(posemb_shape) != 3 or posemb_shape[0] != 1:
+    raise UserError(f'position embeddings must be (1, tokens, width), got {posemb_shape}')
+  num_grid_tokens = posemb_shape[1] - num_prefix_tokens
+  if old_grid_hw is None:
+    side = math.isqrt(max(num_grid_tokens, 0))
+    if side * side != num_grid_tokens:
+      raise UserError(
+          f'cannot infer a square grid from {posemb_shape[1]} tokens with {num_prefix_tokens} '
+          'prefix tokens; pass old_grid_hw or check num_prefix_tokens')
+    old_grid_hw = (side, side)
+  old_grid_hw, new_grid_hw = tuple(old_grid_hw), tuple(new_grid_hw)
+  if old_grid_hw[0] * old_grid_hw[1] != num_grid_tokens:
+    raise UserError(f'old_grid_hw {old_grid_hw} does not match {num_grid_tokens} grid tokens')
+  if old_grid_hw == new_grid_hw:
+    return posemb
+
+  is_numpy = isinstance(posemb, np.ndarray)
+  prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:]
+  grid = jnp.reshape(jnp.asarray(grid, jnp.float32), (*old_grid_hw, -1))
+  # Bilinear as big_vision's resample_posemb (antialiased when shrinking).
+  grid = jax.image.resize(grid, (*new_grid_hw, grid.shape[-1]), method='bilinear')
+  grid = jnp.reshape(grid, (1, new_grid_hw[0] * new_grid_hw[1], -1)).astype(posemb.dtype)
+  resized = jnp.concatenate([jnp.asarray(prefix), grid], axis=1)
+  return np.asarray(resized) if is_numpy else resized
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch for a random subset of examples."""
+
+  @nn.compact
+  def __call__(self, x, rate, deterministic):
+    # `rate` is a Python float per layer, or a traced scalar inside nn.scan.
+    if deterministic or (isinstance(rate, (int, float)) and rate == 0):
+      return x
+    keep_prob = 1.0 - rate
+    keep = jax.random.bernoulli(self.make_rng('dropout'), keep_prob, (x.shape[0],) + (1,) *
+                                (x.ndim - 1))
+    return x * (keep / keep_prob).astype(x.dtype)
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU -> dropout -> Dense -> dropout, back to the input width."""
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic):
+    width = x.shape[-1]
+    dense = lambda features, name: nn.Dense(
+        features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6))
+    x = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x))
+    x = nn.Dropout(self.dropout_rate)(x, deterministic)
+    x = dense(width, 'Dense_1')(x)
+    return nn.Dropout(self.dropout_rate)(x, deterministic)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Multi-head attention with the parameter layout of flax's MultiHeadDotProductAttention.
+
+  query/key/value kernels are (D, heads, head_dim), the out kernel (heads, head_dim, D). The
+  fused `jax.nn.dot_product_attention` runs by default; the explicit softmax path runs when the
+  weights are wanted (`mutable=['intermediates']`: sown as `attention_weights`, shape
+  (batch, heads, q_tokens, k_tokens)) or attention dropout is active.
+  """
+  num_heads: int
+  attention_dropout_rate: float = 0.0
+  qk_norm: bool = False
+  attention_impl: str = 'auto'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv, deterministic):
+    width = inputs_q.shape[-1]
+    if width % self.num_heads:
+      raise UserError(f'num_heads {self.num_heads} does not divide the width {width}')
+    head_dim = width // self.num_heads
+    projection = lambda name: nn.DenseGeneral(
+        (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        kernel_init=nn.initializers.xavier_uniform())
+    # (batch, tokens, heads, head_dim): the layout jax.nn.dot_product_attention takes.
+    query = projection('query')(inputs_q)
+    key = projection('key')(inputs_kv)
+    value = projection('value')(inputs_kv)
+    if self.qk_norm:
+      norm = lambda name: nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+      query, key = norm('query_norm')(query), norm('key_norm')(key)
+
+    wants_weights = self.is_mutable_collection('intermediates')
+    drops_weights = not deterministic and self.attention_dropout_rate > 0
+    if wants_weights or drops_weights:
+      # Softmax in float32, as the fused kernels do.
+      logits = jnp.einsum('bqhd,bkhd->bhqk', query, key, preferred_element_type=jnp.float32)
+      weights = jax.nn.softmax(logits / np.sqrt(head_dim).astype(np.float32), axis=-1)
+      weights = weights.astype(self.dtype)
+      self.sow('intermediates', 'attention_weights', weights)
+      weights = nn.Dropout(self.attention_dropout_rate, broadcast_dims=())(
+          weights, deterministic)
+      encoded = jnp.einsum('bhqk,bkhd->bqhd', weights, value)
+    else:
+      _check_choice('attention_impl', self.attention_impl, ATTENTION_IMPLS)
+      if self.attention_impl == 'cudnn' and jnp.dtype(self.dtype) not in (jnp.bfloat16,
+                                                                          jnp.float16):
+        raise UserError(f'attention_impl=cudnn needs dtype bfloat16 or float16, got '
+                        f'{jnp.dtype(self.dtype).name}; use attention_impl=auto or xla')
+      encoded = jax.nn.dot_product_attention(
+          query, key, value, implementation=ATTENTION_IMPLS[self.attention_impl])
+
+    return nn.DenseGeneral(
+        width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype, name='out',
+        kernel_init=nn.initializers.xavier_uniform())(encoded)
+
+
+class EncoderBlock(nn.Module):
+  """One pre-LayerNorm transformer block (published name: Encoder1DBlock)."""
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  layer_scale_init: Optional[float] = None
+  qk_norm: bool = False
+  attention_impl: str = 'auto'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, drop_path_rate, deterministic):  # x: (batch, tokens, width)
+    norm = lambda name: nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    def layer_scale(y, name):
+      if self.layer_scale_init is None:
+        return y
+      scale = self.param(name, nn.initializers.constant(self.layer_scale_init),
+                         (y.shape[-1],), self.param_dtype)
+      return y * scale.astype(y.dtype)
+
+    y = norm('LayerNorm_0')(x)
+    y = MultiHeadDotProductAttention(
+        num_heads=self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
+        qk_norm=self.qk_norm, attention_impl=self.attention_impl, dtype=self.dtype,
+        param_dtype=self.param_dtype, name='MultiHeadDotProductAttention_1')(y, y, deterministic)
+    y = nn.Dropout(self.dropout_rate)(y, deterministic)
+    x = x + DropPath()(layer_scale(y, 'layer_scale_1'), drop_path_rate, deterministic)
+
+    y = norm('LayerNorm_2')(x)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name='MlpBlock_3')(y, deterministic)
+    x = x + DropPath()(layer_scale(y, 'layer_scale_2'), drop_path_rate, deterministic)
+    return x, None  # (carry, per-layer output) so nn.scan can run it.
+
+
+class Encoder(nn.Module):
+  """Position embeddings, register tokens, the stack of blocks and the final LayerNorm."""
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  posemb: str = 'learn'
+  num_prefix_tokens: int = 1  # Class token(s) at the front, which get a position embedding.
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  layer_scale_init: Optional[float] = None
+  qk_norm: bool = False
+  attention_impl: str = 'auto'
+  scan: bool = False
+  remat_policy: str = 'none'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, grid_hw, registers=None, *, train=False):
+    """x: (batch, prefix + gh * gw, width); registers: (batch, R, width) or None."""
+    x = x + self._position_embeddings(x.shape, grid_hw).astype(x.dtype)
+    if registers is not None:  # After the class token, with no position embedding.
+      prefix = self.num_prefix_tokens
+      x = jnp.concatenate([x[:, :prefix], registers.astype(x.dtype), x[:, prefix:]], axis=1)
+    x = nn.Dropout(self.dropout_rate)(x, not train)
+
+    # Linear stochastic depth: 0 at the first block, drop_path_rate at the last.
+    rates = [self.drop_path_rate * i / max(self.num_layers - 1, 1)
+             for i in range(self.num_layers)]
+    block_kwargs = dict(
+        num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate,
+        layer_scale_init=self.layer_scale_init, qk_norm=self.qk_norm,
+        attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
+    block_cls = EncoderBlock
+    if self.remat_policy != 'none':
+      # (self, x, rate, deterministic): inside scan the rate is traced, so only
+      # `deterministic` can be static there.
+      block_cls = nn.remat(EncoderBlock, prevent_cse=not self.scan,
+                           policy=REMAT_POLICIES[self.remat_policy],
+                           static_argnums=(3,) if self.scan else (2, 3))
+    if self.scan:
+      scanned_rates = jnp.asarray(rates, jnp.float32) if self.drop_path_rate else 0.0
+      x, _ = nn.scan(
+          block_cls, variable_axes={'params': 0, 'intermediates': 0},
+          split_rngs={'params': True, 'dropout': True},
+          in_axes=(0 if self.drop_path_rate else nn.broadcast, nn.broadcast),
+          length=self.num_layers)(name='encoderblock', **block_kwargs)(
+              x, scanned_rates, not train)
+    else:
+      for i in range(self.num_layers):
+        x, _ = block_cls(name=f'encoderblock_{i}', **block_kwargs)(x, rates[i], not train)
+    return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='encoder_norm')(x)
+
+  def _position_embeddings(self, tokens_shape, grid_hw):
+    """(1, prefix + gh * gw, width): learned, or fixed sin-cos with zeros for the prefix."""
+    _, num_tokens, width = tokens_shape
+    if self.posemb == 'sincos2d':
+      prefix = jnp.zeros((1, self.num_prefix_tokens, width), jnp.float32)
+      return jnp.concatenate([prefix, posemb_sincos_2d(grid_hw, width)], axis=1)
+    shape = (1, num_tokens, width)
+    scope = 'posembed_input'
+    # Catch a grid change here with a useful message, before flax's shape check does.
+    if self.has_variable('params', scope):
+      stored = self.get_variable('params', scope)['pos_embedding'].shape
+      if tuple(stored) != shape:
+        raise UserError(
+            f'position embeddings were made for {stored[1]} tokens but the images give '
+            f'{num_tokens} ({grid_hw[0]}x{grid_hw[1]} patches + {self.num_prefix_tokens}); '
+            'resize them with vit_jax.models.resize_posemb')
+    return AddPositionEmbs(param_dtype=self.param_dtype, name=scope)(shape)
+
+
+class AddPositionEmbs(nn.Module):
+  """Holds the learned table as `pos_embedding`, as the published checkpoints do."""
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, shape):
+    return self.param('pos_embedding', nn.initializers.normal(stddev=0.02), shape,
+                      self.param_dtype)
+
+
+class MAPHead(nn.Module):
+  """Multi-head attention pooling (big_vision): a learned probe attends over the tokens."""
+  num_heads: int
+  mlp_dim: int
+  attention_impl: str = 'auto'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # (batch, tokens, width) -> (batch, width)
+    batch, _, width = x.shape
+    probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, width),
+                       self.param_dtype)
+    probe = jnp.tile(probe.astype(x.dtype), [batch, 1, 1])
+    x = MultiHeadDotProductAttention(
+        num_heads=self.num_heads, attention_impl=self.attention_impl, dtype=self.dtype,
+        param_dtype=self.param_dtype, name='MultiHeadDotProductAttention_0')(
+            probe, x, True)
+    y = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='LayerNorm_0')(x)
+    x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name='MlpBlock_0')(y, True)
+    return x[:, 0]
+
+
+class VisionTransformer(nn.Module):
+  """A ViT classifier; `vit_jax.models.create_model` fills these fields from a name."""
+  num_classes: Optional[int]  # None or 0: return the pre-logits features.
+  patch_size: Sequence[int] = (16, 16)
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  classifier: str = 'token'  # token | gap | map | unpooled
+  posemb: str = 'learn'  # learn | sincos2d
+  num_registers: int = 0
+  representation_size: Optional[int] = None
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  layer_scale_init: Optional[float] = None
+  qk_norm: bool = False
+  head_bias_init: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  scan: bool = False
+  remat_policy: str = 'none'  # none | full | dots | dots_no_batch
+  attention_impl: str = 'auto'  # auto | xla | cudnn
+  resnet_layers: Optional[Sequence[int]] = None  # Hybrid: units per ResNet stage, e.g. (3, 4, 9).
+  resnet_width: int = 64
+
+  def check_config(self):
+    """Raises UserError for a field no ViT can have."""
+    _check_choice('classifier', self.classifier, CLASSIFIERS)
+    _check_choice('posemb', self.posemb, POSEMBS)
+    _check_choice('remat_policy', self.remat_policy, REMAT_POLICIES)
+    _check_choice('attention_impl', self.attention_impl, ATTENTION_IMPLS)
+    if self.hidden_size % self.num_heads:
+      raise UserError(f'num_heads {self.num_heads} does not divide the width {self.hidden_size}')
+    if self.num_registers < 0:
+      raise UserError(f'num_registers must be >= 0, got {self.num_registers}')
+
+  @nn.compact
+  def __call__(self, images, *, train=False):
+    """images: float (batch, height, width, channels) in [-1, 1]."""
+    self.check_config()
+    x = jnp.asarray(images, self.dtype)
+    if self.resnet_layers is not None:
+      x = resnet.resnet_stem(x, self.resnet_layers, self.resnet_width, self.dtype,
+                             self.param_dtype)
+    patch_h, patch_w = self.patch_size
+    if x.shape[1] % patch_h or x.shape[2] % patch_w:
+      raise UserError(f'patch size {patch_h}x{patch_w} does not divide the image size '
+                      f'{images.shape[1]}x{images.shape[2]}'
+                      + (' (after the 16x ResNet stem)' if self.resnet_layers else ''))
+    x = nn.Conv(self.hidden_size, (patch_h, patch_w), strides=(patch_h, patch_w),
+                padding='VALID', dtype=self.dtype, param_dtype=self.param_dtype,
+                name='embedding')(x)
+    batch, grid_h, grid_w, width = x.shape
+    x = jnp.reshape(x, (batch, grid_h * grid_w, width))  # (batch, patches, width)
+
+    num_prefix = posemb_prefix_tokens({'classifier': self.classifier})
+    if num_prefix:
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, width), self.param_dtype)
+      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), [batch, 1, 1]), x], axis=1)
+    registers = None
+    if self.num_registers:
+      registers = self.param('registers', nn.initializers.normal(stddev=0.02),
+                             (1, self.num_registers, width), self.param_dtype)
+      registers = jnp.tile(registers, [batch, 1, 1])
+
+    x = Encoder(
+        num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+        posemb=self.posemb, num_prefix_tokens=num_prefix, dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate,
+        drop_path_rate=self.drop_path_rate, layer_scale_init=self.layer_scale_init,
+        qk_norm=self.qk_norm, attention_impl=self.attention_impl, scan=self.scan,
+        remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
+        name='Transformer')(x, (grid_h, grid_w), registers, train=train)
+
+    patch_tokens = x[:, num_prefix + self.num_registers:]  # (batch, gh * gw, width)
+    if self.classifier == 'token':
+      x = x[:, 0]
+    elif self.classifier == 'gap':
+      x = jnp.mean(patch_tokens, axis=1)
+    elif self.classifier == 'map':
+      x = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                  attention_impl=self.attention_impl, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name='MAPHead_0')(patch_tokens)
+    else:  # unpooled: one output per patch.
+      x = patch_tokens
+
+    if self.representation_size is not None:
+      x = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                   name='pre_logits')(x)
+      x = nn.tanh(x)
+    if self.num_classes:
+      x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=nn.initializers.zeros,
+                   bias_init=nn.initializers.constant(self.head_bias_init), name='head')(x)
+    # Logits and features leave in float32, so losses and metrics need no care about dtype.
+    return x.astype(jnp.float32)
