@@ -142,3 +142,34 @@ def test_pngs_have_expected_size_and_are_not_blank(tmp_path):
     actual_size, pixels = _read_png(tmp_path / name)
     assert actual_size == size, name
     assert pixels.var() > 0, name
+
+
+def test_map_rollout_mixes_patch_rows_by_the_probe():
+  rng = np.random.default_rng(6)
+  attentions = _random_attention(rng, tokens=16)
+  probe = rng.dirichlet(np.ones(16), size=(2, 4))              # (batch, heads, patches)
+  maps = visualize.attention_rollout(attentions, 'map', probe=probe)
+  rollout = visualize.rollout_matrix(attentions)
+  expected = probe[0].mean(0) @ rollout[0]
+  np.testing.assert_allclose(maps[0], expected.reshape(4, 4), rtol=1e-10)
+  # Without the probe, map falls back to the gap picture.
+  np.testing.assert_allclose(visualize.attention_rollout(attentions, 'map'),
+                             visualize.attention_rollout(attentions, 'gap'))
+  heads = visualize.cls_attention_per_head(attentions, 'map', probe=probe)
+  np.testing.assert_allclose(heads[1, 3], probe[1, 3].reshape(4, 4))
+
+
+def test_model_attentions_from_a_scanned_map_model_with_registers():
+  import jax
+  from vit_jax.models import create_model
+  model = create_model('ViT-Ti/8', 3, classifier='map', scan=True, num_registers=1,
+                       hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32)
+  images = np.random.default_rng(7).uniform(-1, 1, size=(2, 24, 24, 3)).astype(np.float32)
+  params = model.init(jax.random.key(0), images)['params']
+  seen = visualize.model_attentions(model, params, images)
+  np.testing.assert_allclose(seen.logits, model.apply({'params': params}, images), atol=1e-5)
+  assert seen.layers.shape == (2, 2, 2, 1 + 9, 1 + 9)         # 1 register + 3x3 patches
+  assert seen.probe.shape == (2, 2, 9)
+  np.testing.assert_allclose(seen.layers.sum(-1), 1.0, atol=1e-5)
+  maps = visualize.attention_rollout(seen.layers, 'map', num_prefix=1, probe=seen.probe)
+  assert maps.shape == (2, 3, 3) and np.all(maps > 0)

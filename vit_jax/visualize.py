@@ -9,15 +9,18 @@ panel, so a caller (or a test) knows the size of the PNG before it is written.
 What each pooling shows:
 - `token`: the CLS token's row. The classifier reads only the CLS token's output, so its row of
   the rollout says how much each patch flowed into what the head saw.
-- `gap` and `map`: there is no CLS query. `gap` averages the patch tokens' outputs, so we show the
-  mean over all patch queries of their rows (what flowed into the average). For `map` the same
-  mean is shown: the MAP head's learned probe is not part of the encoder's rollout, and the mean
-  over patch queries is what the encoder delivers to it.
+- `gap`: there is no CLS query; the head averages the patch tokens' outputs, so we show the mean
+  over all patch queries of their rows (what flowed into the average).
+- `map`: the MAP head's learned probe attends over the patch tokens' outputs. Given the probe's
+  attention (`ModelAttention.probe`, averaged over its heads), the rollout is carried one step
+  further through it: the probe-weighted mix of the patch queries' rows. Without it, the plain
+  mean over patch queries is shown, as for `gap`. Per head, `map` shows the probe's own heads.
 Prefix tokens (CLS, registers) are dropped from the key axis, so a map covers patches only and
 need not sum to one (what is missing went to the CLS or register tokens).
 """
 
 import math
+from typing import NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -35,15 +38,31 @@ POOLINGS = ('token', 'gap', 'map')
 # Getting the attention out of a model.
 
 
-def model_attentions(model, params, images):
-  """Runs `model` on `images` and returns `(logits, attentions)`.
+class ModelAttention(NamedTuple):
+  """What `model_attentions` returns."""
+  logits: np.ndarray        # (batch, classes)
+  layers: np.ndarray        # (layers, batch, heads, q, k): the encoder blocks, in order
+  probe: Optional[np.ndarray]  # (batch, heads, patches): the MAP head's probe; None otherwise
 
-  `images` are float (batch, H, W, C) in [-1, 1]. `attentions` is (layers, batch, heads, q, k):
-  the encoder blocks' attention weights in block order, read from the `intermediates` the model
-  sows (per-layer `encoderblock_{i}` or one scanned `encoderblock` with a leading layer axis).
+
+def model_attentions(model, params, images):
+  """Runs `model` on float `images` (batch, H, W, C) in [-1, 1]; returns a `ModelAttention`.
+
+  The attention is read from the `intermediates` the model sows (per-layer `encoderblock_{i}`,
+  or one scanned `encoderblock` with a leading layer axis).
   """
   logits, state = model.apply({'params': params}, images, train=False, mutable=['intermediates'])
-  return logits, collect_attentions(state['intermediates'])
+  intermediates = state['intermediates']
+  return ModelAttention(np.asarray(logits, np.float32), collect_attentions(intermediates),
+                        collect_probe_attention(intermediates))
+
+
+def collect_probe_attention(intermediates):
+  """The MAP head probe's attention (batch, heads, patches), or None when there is no MAP head."""
+  head = intermediates.get('MAPHead_0', {}).get('MultiHeadDotProductAttention_0', {})
+  if 'attention_weights' not in head:
+    return None
+  return np.asarray(head['attention_weights'][0], np.float32)[:, :, 0]
 
 
 def collect_attentions(intermediates):
@@ -114,24 +133,32 @@ def rollout_matrix(attentions):
   return rollout
 
 
-def attention_rollout(attentions, classifier='token', num_prefix=None, grid_shape=None):
+def attention_rollout(attentions, classifier='token', num_prefix=None, grid_shape=None,
+                      probe=None):
   """The rollout map over the patch grid: (batch, gh, gw).
 
-  For `token` pooling it is the CLS row of `rollout_matrix`; for `gap` and `map` (no CLS query)
-  the mean of the patch queries' rows (see the module docstring). `num_prefix` is the count of
-  tokens before the patches (default: 1 for `token`, else 0; add registers); `grid_shape`
-  defaults to a square grid.
+  For `token` pooling it is the CLS row of `rollout_matrix`; for `gap` the mean of the patch
+  queries' rows; for `map` their mix weighted by `probe` (batch, heads, patches), the MAP
+  probe's attention, or the mean without it (see the module docstring). `num_prefix` is the
+  count of tokens before the patches (default: 1 for `token`, else 0; add registers);
+  `grid_shape` defaults to a square grid.
   """
   rollout = rollout_matrix(attentions)
-  return _pooled_rows(rollout, classifier, num_prefix, grid_shape)
+  query_weights = _probe_weights(probe, classifier)
+  return _pooled_rows(rollout, classifier, num_prefix, grid_shape, query_weights)
 
 
-def cls_attention_per_head(attentions, classifier='token', num_prefix=None, grid_shape=None):
-  """The last layer's attention over the patches, per head: (batch, heads, gh, gw).
+def cls_attention_per_head(attentions, classifier='token', num_prefix=None, grid_shape=None,
+                           probe=None):
+  """The pooling query's attention over the patches, per head: (batch, heads, gh, gw).
 
-  For `token` pooling it is the CLS query's row; for `gap` and `map` the mean over the patch
+  For `token` pooling it is the last layer's CLS row; for `map` with `probe` given, the MAP
+  probe's own heads; for `gap` (and `map` without `probe`) the last layer's mean over the patch
   queries (there is no CLS query).
   """
+  if classifier == 'map' and probe is not None:
+    probe = np.asarray(probe, np.float64)          # (batch, heads, patches)
+    return probe.reshape(probe.shape[:2] + tuple(grid_shape or grid_shape_for(probe.shape[-1], 0)))
   last = np.asarray(attentions[-1], np.float64)    # (batch, heads, q, k)
   batch, heads = last.shape[:2]
   maps = _pooled_rows(last.reshape((batch * heads,) + last.shape[2:]), classifier, num_prefix,
@@ -139,8 +166,16 @@ def cls_attention_per_head(attentions, classifier='token', num_prefix=None, grid
   return maps.reshape((batch, heads) + maps.shape[1:])
 
 
-def _pooled_rows(matrix, classifier, num_prefix, grid_shape):
-  """(n, q, k) -> (n, gh, gw): the CLS row or the patch-query mean, over patch keys."""
+def _probe_weights(probe, classifier):
+  """(batch, patches) query weights from the MAP probe, averaged over its heads; or None."""
+  if probe is None or classifier != 'map':
+    return None
+  return np.asarray(probe, np.float64).mean(axis=1)
+
+
+def _pooled_rows(matrix, classifier, num_prefix, grid_shape, query_weights=None):
+  """(n, q, k) -> (n, gh, gw): the CLS row, or the patch queries' rows mixed by
+  `query_weights` (n, patches) (default: their mean), over patch keys."""
   if num_prefix is None:
     num_prefix = num_prefix_tokens(classifier)
   elif classifier not in POOLINGS:
@@ -154,8 +189,10 @@ def _pooled_rows(matrix, classifier, num_prefix, grid_shape):
                     f'match {num_tokens} tokens')
   if classifier == 'token':
     rows = matrix[:, 0, num_prefix:]
-  else:
+  elif query_weights is None:
     rows = matrix[:, num_prefix:, num_prefix:].mean(axis=1)
+  else:
+    rows = np.einsum('nq,nqk->nk', query_weights, matrix[:, num_prefix:, num_prefix:])
   return rows.reshape((-1,) + tuple(grid_shape))
 
 
