@@ -12,6 +12,11 @@ from ml_collections.config_dict import placeholder
 def vit_model_overrides():
   """Every ViT knob `create_model` accepts, at the model's own defaults."""
   return ml_collections.ConfigDict(dict(
+      # Architecture: None takes the value from `config.model_name` (e.g. ViT-B/16: 768 wide).
+      hidden_size=placeholder(int),
+      num_layers=placeholder(int),
+      num_heads=placeholder(int),
+      mlp_dim=placeholder(int),
       classifier='token',          # token | gap | map | unpooled
       posemb='learn',              # learn | sincos2d
       num_registers=0,             # extra learned tokens (Darcet et al. 2023)
