@@ -121,7 +121,8 @@ def _flat_keys(tree, prefix=''):
   return keys
 
 
-def _check_keys(keys, config, where):
+def check_keys(keys, config, where):
+  """Raises a UserError naming the first of `keys` (dotted) that `config` does not have."""
   valid = set(_flat_keys(config))
   for key in keys:
     if key not in valid:
@@ -143,7 +144,7 @@ def load_sweep(path):
     raise UserError(f'get_sweep() in {path!r} returned {type(points).__name__}; it must return '
                     'a non-empty list of dicts like {"schedule.base_lr": 0.001}')
   config = load_base_config(module.base_config)
-  _check_keys(sorted({k for p in points for k in p}), config, path)
+  check_keys(sorted({k for p in points for k in p}), config, path)
   name = os.path.splitext(os.path.basename(path))[0]
   return Sweep(name, module.base_config, [dict(p) for p in points])
 
@@ -281,8 +282,10 @@ def _last_metrics(path):
   if os.path.exists(path):
     with open(path) as f:
       for line in f:
-        if line.strip():
+        try:
           latest.update(json.loads(line))
+        except ValueError:
+          continue  # A blank line, or the last line of a running job cut off mid-write.
   return latest
 
 

@@ -1,0 +1,182 @@
+"""The TPU VM recipe builds the right gcloud commands (it cannot reach a TPU here).
+
+The expected commands are written out by hand from `gcloud compute tpus tpu-vm --help`; the
+execution path runs against a fake `gcloud` on PATH that records its calls.
+"""
+
+import json
+import os
+import shlex
+import stat
+import subprocess
+import sys
+import tarfile
+import textwrap
+
+import pytest
+
+from vit_jax import tpu_vm
+from vit_jax.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = ['--name', 'my-tpu', '--zone', 'us-central2-b', '--accelerator_type', 'v4-32',
+        '--config', 'configs/common.py', '--workdir', 'gs://bucket/run1']
+ZONE = '--zone=us-central2-b'
+
+FAKE_GCLOUD = textwrap.dedent('''\
+    #!{python}
+    import json, os, shutil, sys
+    args = sys.argv[1:]
+    log = os.environ['FAKE_GCLOUD_LOG']
+    with open(log, 'a') as f:
+      f.write(json.dumps(args) + '\\n')
+    if args[3] == 'describe':
+      state = os.environ.get('FAKE_STATE')
+      if not state:
+        sys.stderr.write('NOT_FOUND\\n')
+        sys.exit(1)
+      print(state)
+    if args[3] == 'scp':
+      shutil.copy(args[4], os.path.join(os.path.dirname(log), 'shipped.tar.gz'))
+''')
+
+
+def _train_line(*args):
+  return ('--command=cd ~/vit_jax && ~/vit_jax_env/bin/python train.py '
+          + ' '.join(args))
+
+
+def test_default_version_follows_the_accelerator_generation():
+  assert tpu_vm.default_version('v4-32') == 'tpu-ubuntu2204-base'
+  assert tpu_vm.default_version('v5litepod-16') == 'v2-alpha-tpuv5-lite'
+  assert tpu_vm.default_version('v5p-8') == 'v2-alpha-tpuv5'
+  assert tpu_vm.default_version('v6e-8') == 'v2-alpha-tpuv6e'
+  with pytest.raises(UserError, match="'v9x-8'.*pass --version"):
+    tpu_vm.default_version('v9x-8')
+
+
+def test_dry_run_plan_is_exactly_the_recipe():
+  args, overrides = tpu_vm._parse(BASE + ['--config.schedule.base_lr=0.001', '--project', 'p1'])
+  steps = tpu_vm.plan(args, overrides, '/tmp/code.tar.gz')
+  where = [ZONE, '--project=p1']
+  ssh = ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'my-tpu', '--worker=all']
+  assert steps == [
+      ('copy the code', ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp', '/tmp/code.tar.gz',
+                         'my-tpu:vit_jax.tar.gz', '--worker=all', *where]),
+      ('unpack the code',
+       ssh + ['--command=mkdir -p ~/vit_jax && tar -xzf vit_jax.tar.gz -C ~/vit_jax', *where]),
+      ('install', ssh + [
+          '--command=python3 -m pip install --user --quiet --upgrade uv && '
+          '([ -x ~/vit_jax_env/bin/python ] || '
+          '~/.local/bin/uv venv --python 3.12 ~/vit_jax_env) && cd ~/vit_jax && '
+          '~/.local/bin/uv pip install --python ~/vit_jax_env/bin/python '
+          '-r requirements.txt "jax[tpu]"', *where]),
+      ('train', ssh + [_train_line('--config configs/common.py',
+                                   '--config.schedule.base_lr=0.001',
+                                   '--workdir gs://bucket/run1'), *where]),
+  ]
+  vm = tpu_vm.TpuVm('my-tpu', 'us-central2-b', 'p1')
+  assert tpu_vm.describe_command(vm) == [
+      'gcloud', 'compute', 'tpus', 'tpu-vm', 'describe', 'my-tpu', '--format=value(state)',
+      *where]
+  assert tpu_vm.create_command(vm, 'v4-32', 'tpu-ubuntu2204-base', spot=True) == [
+      'gcloud', 'compute', 'tpus', 'tpu-vm', 'create', 'my-tpu', '--accelerator-type=v4-32',
+      '--version=tpu-ubuntu2204-base', '--spot', *where]
+
+
+def test_git_url_sweep_and_detach_variants():
+  args, overrides = tpu_vm._parse(
+      BASE[:6] + ['--sweep', 'configs/sweeps/quickstart_lr.py', '--workdir', 'gs://b/sw',
+                  '--git_url', 'https://example.com/me/vit.git', '--git_ref', 'v1', '--detach',
+                  '--config.total_steps=5'])
+  steps = dict(tpu_vm.plan(args, overrides, 'unused.tar.gz'))
+  assert list(steps) == ['get the code', 'install', 'train']
+  assert steps['get the code'][-2] == (
+      '--command=([ -d ~/vit_jax/.git ] || git clone -q https://example.com/me/vit.git '
+      '~/vit_jax) && git -C ~/vit_jax fetch -q https://example.com/me/vit.git v1 && '
+      'git -C ~/vit_jax checkout -q --detach FETCH_HEAD')
+  assert steps['train'][-2] == (
+      '--command=cd ~/vit_jax && nohup ~/vit_jax_env/bin/python -m vit_jax.sweep '
+      'configs/sweeps/quickstart_lr.py --workdir_root gs://b/sw --config.total_steps=5 '
+      '> ~/vit_jax_train.log 2>&1 < /dev/null &')
+  args, overrides = tpu_vm._parse(BASE + ['--skip_setup'])
+  assert [p for p, _ in tpu_vm.plan(args, overrides, 'x')] == ['train']
+
+
+def test_values_with_spaces_survive_both_shells():
+  line = tpu_vm.train_remote_command('gs://b/r', ["--config.data.name=my data (v2)"],
+                                     config='configs/common.py')
+  assert line.startswith('cd ~/vit_jax && ~/vit_jax_env/bin/python ')
+  remote_argv = shlex.split(line.split(' && ', 1)[1])
+  assert remote_argv[1:] == ['train.py', '--config', 'configs/common.py',
+                             '--config.data.name=my data (v2)', '--workdir', 'gs://b/r']
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--workdir', 'workdirs/run'], 'is not a gs:// path'),
+    (['--sweep', 'configs/sweeps/quickstart_lr.py'], 'exactly one of --config'),
+    (['--config.schedule.base_rl=1'], "unknown config key 'schedule.base_rl'"),
+    (['--accelerator_type', 'v9x-8'], "no default --version for accelerator type 'v9x-8'"),
+    (['--steps=3'], "unexpected argument '--steps=3'"),
+])
+def test_mistakes_fail_before_any_gcloud_call(tmp_path, extra, message):
+  result, calls = _run_cli(tmp_path, *BASE, *extra)
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.startswith('error: ') and result.stderr.count('\n') == 1
+  assert message in result.stderr
+  assert calls == []
+
+
+def _run_cli(tmp_path, *args, state=None):
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir(exist_ok=True)
+  gcloud = bin_dir / 'gcloud'
+  gcloud.write_text(FAKE_GCLOUD.format(python=sys.executable))
+  gcloud.chmod(gcloud.stat().st_mode | stat.S_IEXEC)
+  log = tmp_path / 'gcloud.jsonl'
+  log.write_text('')
+  env = dict(os.environ, PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}',
+             FAKE_GCLOUD_LOG=str(log), TMPDIR=str(tmp_path))
+  env.pop('FAKE_STATE', None)
+  if state:
+    env['FAKE_STATE'] = state
+  result = subprocess.run([sys.executable, '-m', 'vit_jax.tpu_vm', *args], cwd=REPO,
+                          capture_output=True, text=True, env=env, timeout=120)
+  return result, [json.loads(l) for l in log.read_text().splitlines()]
+
+
+def test_dry_run_prints_the_commands_and_runs_none(tmp_path):
+  result, calls = _run_cli(tmp_path, *BASE, '--dry_run')
+  assert result.returncode == 0, result.stderr
+  assert calls == []
+  commands = [shlex.split(l) for l in result.stdout.splitlines() if not l.startswith('#')]
+  assert [c[4] for c in commands] == ['describe', 'create', 'scp', 'ssh', 'ssh', 'ssh']
+  assert all(c[:4] == ['gcloud', 'compute', 'tpus', 'tpu-vm'] for c in commands)
+  assert commands[-1][-2] == _train_line('--config configs/common.py',
+                                         '--workdir gs://bucket/run1')
+
+
+def test_run_creates_a_missing_vm_then_ships_installs_and_trains(tmp_path):
+  result, calls = _run_cli(tmp_path, *BASE)
+  assert result.returncode == 0, result.stderr
+  assert [c[3] for c in calls] == ['describe', 'create', 'scp', 'ssh', 'ssh', 'ssh']
+  assert '--accelerator-type=v4-32' in calls[1] and '--version=tpu-ubuntu2204-base' in calls[1]
+  assert all('--worker=all' in c for c in calls[2:])
+  with tarfile.open(tmp_path / 'shipped.tar.gz') as tar:
+    names = set(tar.getnames())
+  assert {'vit_jax/tpu_vm.py', 'configs/common.py', 'tests/test_tpu_vm.py'} <= names
+  assert not any(n.startswith('.git/') or '__pycache__' in n for n in names)
+
+
+@pytest.mark.parametrize('state, reuse, verbs, returncode', [
+    ('READY', True, ['describe', 'scp', 'ssh', 'ssh', 'ssh'], 0),
+    ('STOPPED', True, ['describe', 'start', 'scp', 'ssh', 'ssh', 'ssh'], 0),
+    ('READY', False, ['describe'], 2),
+    ('PREEMPTED', True, ['describe'], 2),
+])
+def test_an_existing_vm_is_reused_only_when_asked(tmp_path, state, reuse, verbs, returncode):
+  result, calls = _run_cli(tmp_path, *BASE, *(['--reuse'] if reuse else []), state=state)
+  assert result.returncode == returncode, result.stderr
+  assert [c[3] for c in calls] == verbs
+  if returncode:
+    assert result.stderr.startswith('error: ') and state in result.stderr
