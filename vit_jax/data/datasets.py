@@ -1,0 +1,255 @@
+"""`create_datasets`: config -> train and eval batch iterators for one process.
+
+The host delivers uint8 images at `host_image_size`; resizing to config.image_size,
+normalisation and mixup/cutmix happen on the device (`vit_jax/data/device.py`).
+
+Resumability: `train_batches(start_step)` is a pure function of (config.seed, start_step,
+process_index, process_count). In-memory sources (digits, folders, tfds with data.cache) index
+per-epoch permutations directly, so resuming costs nothing. Streamed tfds sets use a seeded,
+deterministic tf.data pipeline and skip start_step * local_batch records on resume: the skipped
+records are read but not decoded (roughly the time of one pass over that many files).
+Augmentation randomness is seeded by (config.seed, the example's global stream position).
+"""
+
+import dataclasses
+import itertools
+from typing import Iterator, Union
+
+import numpy as np
+import tensorflow as tf
+
+from vit_jax.data import augment
+from vit_jax.data import digits
+from vit_jax.data import folder
+from vit_jax.data import table as table_lib
+from vit_jax.data import tfds_source
+from vit_jax.errors import UserError
+
+# The host pipeline is CPU work; keep TensorFlow off any accelerator JAX is using.
+tf.config.set_visible_devices([], 'GPU')
+
+SOURCES = ('tfds', 'folder', 'digits')
+CROPS = ('resize', 'random_crop', 'inception_crop')
+
+Source = Union[table_lib.Table, tfds_source.Stream]
+
+
+@dataclasses.dataclass
+class Datasets:
+  """Train and eval batches for one process, and what the model needs to know about them."""
+  num_classes: int
+  class_names: list
+  num_train_examples: int    # the whole train split, over all processes
+  num_eval_examples: int     # the whole eval split, over all processes
+  host_image_size: int       # side of the uint8 images the host delivers
+  num_skipped_files: int     # unreadable image files left out (folder source)
+  seed: int
+  aug: object                # config.aug
+  global_batch_size: int
+  local_batch_size: int
+  local_eval_batch_size: int
+  process_index: int
+  process_count: int
+  prefetch_batches: int
+  train_source: Source
+  eval_source: Source
+  eval_crop_fraction: float
+
+  @property
+  def image_size_on_host(self):
+    """Alias of `host_image_size` (the name docs/ARCHITECTURE.md uses)."""
+    return self.host_image_size
+
+  def train_batches(self, start_step: int = 0) -> Iterator[dict]:
+    """Infinite {'images': uint8 (b, s, s, 3), 'labels': int32 (b,)} from `start_step` on.
+
+    Batch k of `train_batches(K)` equals batch K + k of `train_batches(0)`, augmentation
+    included, for the same config and process layout.
+    """
+    if start_step < 0:
+      raise UserError(f'start_step must be >= 0, got {start_step}')
+    if isinstance(self.train_source, table_lib.Table):
+      examples = self._table_train_examples(start_step)
+      decode = self.train_source.decode
+    else:
+      examples = self.train_source.train_examples(
+          self.seed, start_step, self.local_batch_size, self.global_batch_size,
+          self.process_index)
+      decode = self.train_source.decode
+
+    def preprocess(payload, label, position):
+      seed = tf.stack([tf.constant(self.seed % 2**63, tf.int64), position])
+      image = augment.to_rgb(decode(payload))
+      image = augment.train_preprocess(image, seed, self.aug, self.host_image_size)
+      return image, label
+
+    dataset = examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.batch(self.local_batch_size, drop_remainder=True)
+    dataset = dataset.prefetch(max(self.prefetch_batches, 1))
+    for images, labels in dataset.as_numpy_iterator():
+      yield {'images': images, 'labels': labels.astype(np.int32)}
+
+  def _table_train_examples(self, start_step):
+    """tf.data of (payload, label, global position) for an in-memory train split."""
+    source = self.train_source
+    index = table_lib.StreamIndex(
+        len(source), self.seed, self.global_batch_size, self.process_index,
+        self.process_count, shared=not source.local_shard)
+
+    def batches():
+      for step in itertools.count(start_step):
+        rows = index.rows(step)
+        yield source.payload(rows), source.labels[rows], index.global_positions(step)
+
+    signature = (source.payload_spec(), tf.TensorSpec((None,), tf.int32),
+                 tf.TensorSpec((None,), tf.int64))
+    return tf.data.Dataset.from_generator(batches, output_signature=signature).unbatch()
+
+  def eval_batches(self) -> Iterator[dict]:
+    """One pass over this process's eval shard, padded to full batches.
+
+    Yields {'images': uint8 (b, s, s, 3), 'labels': int32 (b,), 'mask': float32 (b,)}; mask is
+    0 on padding. Every process yields the same number of batches.
+    """
+    batch = self.local_eval_batch_size
+    source = self.eval_source
+
+    def preprocess(payload, label):
+      image = augment.to_rgb(source.decode(payload))
+      return augment.eval_preprocess(image, self.host_image_size, self.eval_crop_fraction), label
+
+    if isinstance(source, table_lib.Table):
+      rows, num_batches = table_lib.eval_rows(
+          source, batch, self.process_index, self.process_count)
+      dataset = tf.data.Dataset.from_generator(
+          lambda: ((source.payload(rows[i:i + batch]), source.labels[rows[i:i + batch]])
+                   for i in range(0, len(rows), batch)),
+          output_signature=(source.payload_spec(), tf.TensorSpec((None,), tf.int32)))
+      dataset = dataset.unbatch()
+    else:
+      dataset = source.eval_examples(self.process_index, self.process_count)
+      num_batches = source.num_eval_batches(batch, self.process_count)
+    dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.batch(batch).prefetch(max(self.prefetch_batches, 1))
+
+    size = self.host_image_size
+    yielded = 0
+    for images, labels in dataset.as_numpy_iterator():
+      if yielded == num_batches:
+        break
+      yield _pad_batch(images, labels, batch)
+      yielded += 1
+    while yielded < num_batches:
+      yield _pad_batch(np.zeros((0, size, size, 3), np.uint8), np.zeros((0,), np.int32), batch)
+      yielded += 1
+
+
+def _pad_batch(images, labels, batch):
+  """Pads (n <= batch) examples to a full batch, with mask 1 on the real ones."""
+  count = len(labels)
+  mask = np.zeros((batch,), np.float32)
+  mask[:count] = 1.0
+  padded_images = np.zeros((batch,) + images.shape[1:], np.uint8)
+  padded_images[:count] = images
+  padded_labels = np.zeros((batch,), np.int32)
+  padded_labels[:count] = labels
+  return {'images': padded_images, 'labels': padded_labels, 'mask': mask}
+
+
+def _validate(config, process_index, process_count):
+  """UserErrors for config mistakes visible before any data is read."""
+  data, aug = config.data, config.aug
+  if data.source not in SOURCES:
+    raise UserError(f'config.data.source={data.source!r} is unknown; valid: {", ".join(SOURCES)}')
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise UserError(f'process_index={process_index} is not in [0, process_count={process_count})')
+  eval_batch_size = config.eval_batch_size or config.batch_size
+  for name, size in (('batch_size', config.batch_size), ('eval_batch_size', eval_batch_size)):
+    if size < 1 or size % process_count:
+      raise UserError(f'config.{name}={size} must be a positive multiple of the process count '
+                      f'{process_count}')
+  if data.host_image_size is not None and data.host_image_size < 1:
+    raise UserError(f'config.data.host_image_size={data.host_image_size} must be positive')
+  if aug.crop not in CROPS:
+    raise UserError(f'config.aug.crop={aug.crop!r} is unknown; valid: {", ".join(CROPS)}')
+  if not 0.0 < aug.inception_min_area <= 1.0:
+    raise UserError(f'config.aug.inception_min_area={aug.inception_min_area} must be in (0, 1]')
+  if (aug.crop == 'random_crop') != (aug.random_crop_pad > 0) or aug.random_crop_pad < 0:
+    raise UserError(f'config.aug.random_crop_pad={aug.random_crop_pad} with crop={aug.crop!r}: '
+                    "crop='random_crop' needs random_crop_pad > 0, other crops need 0")
+  if aug.randaugment_layers < 0 or not 0 <= aug.randaugment_magnitude <= 30:
+    raise UserError(f'config.aug.randaugment_layers={aug.randaugment_layers}, magnitude='
+                    f'{aug.randaugment_magnitude}: need layers >= 0 and magnitude in [0, 30]')
+  if not 0.0 < aug.eval_crop_fraction <= 1.0:
+    raise UserError(f'config.aug.eval_crop_fraction={aug.eval_crop_fraction} must be in (0, 1]')
+  if aug.mixup_alpha < 0 or aug.cutmix_alpha < 0:
+    raise UserError(f'config.aug mixup_alpha={aug.mixup_alpha}, cutmix_alpha='
+                    f'{aug.cutmix_alpha} must be >= 0 (0: off)')
+  if not 0.0 <= aug.label_smoothing < 1.0:
+    raise UserError(f'config.aug.label_smoothing={aug.label_smoothing} must be in [0, 1)')
+  if data.shuffle_buffer < 1 or data.prefetch_batches < 0:
+    raise UserError(f'config.data.shuffle_buffer={data.shuffle_buffer} must be >= 1 and '
+                    f'prefetch_batches={data.prefetch_batches} >= 0')
+
+
+def create_datasets(config, process_index: int = 0, process_count: int = 1) -> Datasets:
+  """Builds this process's train and eval pipelines from config.data and config.aug.
+
+  Args:
+    config: the run config (seed, image_size, batch_size, eval_batch_size, data, aug).
+    process_index: this process (jax.process_index()).
+    process_count: all processes (jax.process_count()); each reads only its own shard.
+
+  Returns:
+    Datasets; local train batch = batch_size // process_count, local eval batch =
+    (eval_batch_size or batch_size) // process_count.
+
+  Raises:
+    UserError: a config value, a data folder or a tfds name/split that cannot work.
+  """
+  _validate(config, process_index, process_count)
+  data = config.data
+  num_skipped_files = 0
+  if data.source == 'digits':
+    train_source, eval_source = digits.load(data.train_split), digits.load(data.eval_split)
+    class_names = list(digits.CLASS_NAMES)
+    default_host_size = digits.IMAGE_SIZE
+  elif data.source == 'folder':
+    loaded = folder.load(data.name, data.train_split, data.eval_split, cache=data.cache)
+    train_source, eval_source = loaded.train, loaded.eval
+    class_names = loaded.class_names
+    num_skipped_files = loaded.num_skipped_files
+    default_host_size = config.image_size
+  else:
+    loaded = tfds_source.load(config, process_index, process_count)
+    train_source, eval_source = loaded.train, loaded.eval
+    class_names = loaded.class_names
+    default_host_size = config.image_size
+
+  global_batch = config.batch_size
+  return Datasets(
+      num_classes=len(class_names),
+      class_names=list(class_names),
+      num_train_examples=_num_examples(train_source),
+      num_eval_examples=_num_examples(eval_source),
+      host_image_size=data.host_image_size or default_host_size,
+      num_skipped_files=num_skipped_files,
+      seed=config.seed,
+      aug=config.aug,
+      global_batch_size=global_batch,
+      local_batch_size=global_batch // process_count,
+      local_eval_batch_size=(config.eval_batch_size or global_batch) // process_count,
+      process_index=process_index,
+      process_count=process_count,
+      prefetch_batches=data.prefetch_batches,
+      train_source=train_source,
+      eval_source=eval_source,
+      eval_crop_fraction=config.aug.eval_crop_fraction,
+  )
+
+
+def _num_examples(source):
+  """Examples in the whole split, over all processes."""
+  if isinstance(source, table_lib.Table):
+    return source.global_num_examples or len(source)
+  return source.num_examples
