@@ -1,0 +1,455 @@
+"""Weights in and out: published `.npz`, big_vision `.npz`, HF transformers, timm, train.py workdirs.
+
+  python -m vit_jax.convert ViT-B_16.npz hf_vit_b16/          # npz -> HF directory
+  python -m vit_jax.convert hf_vit_b16/ back.npz              # HF -> npz (timm reads it too)
+  python -m vit_jax.convert workdir/ model.npz                # a training run's latest step
+  python -m vit_jax.convert ViT-B_16.npz hf/ --model ViT-B/16 --num_classes 10 --image_size 384
+
+Formats are read from the path (a `.npz` suffix; a directory's files) or forced with
+`--from` / `--to`. With `--model`, `--num_classes` or `--image_size` the weights are fitted to
+that model first (`load_for_finetune`): checked key by key, a fresh head for a new class count,
+position embeddings resized for a new resolution. Nothing is written when anything fails.
+
+In a notebook or in `train.py`:
+  params, metadata = convert.load_weights('ViT-B_16.npz')
+  params = convert.load_for_finetune(path, init_params, model_kwargs)
+  convert.to_hf(params, model_kwargs, 'out_dir', image_size=224)
+"""
+
+import argparse
+import dataclasses
+import math
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax import models
+from vit_jax.errors import UserError
+from vit_jax.formats import hf, npz, tree, workdir
+from vit_jax.models import layout
+
+READ_FORMATS = ('npz', 'hf', 'timm', 'workdir')
+WRITE_FORMATS = ('npz', 'hf', 'timm')
+# timm's ViT loader reads the published vit_jax layout, which is what the npz writer writes.
+READERS = {'npz': npz.read, 'timm': npz.read, 'hf': hf.read, 'workdir': workdir.read}
+
+POSEMB_KEY = npz.POSEMB_KEY
+HEAD_PREFIXES = ('head/', 'pre_logits/')
+
+
+# ---------------------------------------------------------------------------------------------
+# Which format a path holds.
+
+
+def detect_format(path, writing=False):
+  """The format of `path` from its suffix or its files; UserError when it cannot tell."""
+  valid = WRITE_FORMATS if writing else READ_FORMATS
+  if path.endswith('.npz'):
+    return 'npz'
+  if not writing and not os.path.exists(path):
+    raise UserError(f'no such file or directory: {path}')
+  if os.path.isdir(path):
+    if hf.is_hf_dir(path):
+      return 'hf'
+    if not writing and workdir.locate(path):
+      return 'workdir'
+    if writing and not os.listdir(path):
+      return 'hf'
+  elif writing and not os.path.exists(path) and not os.path.splitext(path)[1]:
+    return 'hf'  # A new path without a suffix: a directory.
+  raise UserError(f'cannot tell the format of {path}; name a .npz file, an HF directory '
+                  '(config.json + model.safetensors)'
+                  + ('' if writing else ' or a train.py workdir')
+                  + f', or force one of: {", ".join(valid)}')
+
+
+def _check_format(format, valid, path):
+  if format not in valid + ('auto',):
+    raise UserError(f'unknown format {format!r} for {path}; valid: auto, {", ".join(valid)}')
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and writing.
+
+
+def load_weights(path, format='auto'):
+  """Reads any supported checkpoint into the vit_jax layout, as it is (no model needed).
+
+  Args:
+    path: a `.npz` file, an HF ViT directory, or a train.py workdir (or one of its step folders).
+    format: 'auto' (from the path) or one of READ_FORMATS.
+
+  Returns:
+    (params, metadata): params a flat `{'Transformer/encoderblock_0/...': np.ndarray}` (per
+    layer, or scanned as stored); metadata a dict with at least `format`, and for HF and
+    workdirs `model_kwargs`, `image_size` and `class_names`.
+  """
+  path = os.fspath(path)
+  _check_format(format, READ_FORMATS, path)
+  if format == 'auto':
+    format = detect_format(path)
+  elif not os.path.exists(path):
+    raise UserError(f'no such file or directory: {path}')
+  return READERS[format](path)
+
+
+def save_weights(params, path, format='auto', model_kwargs=None, image_size=None,
+                 class_names=None):
+  """Writes params (flat or nested, per-layer or scanned) atomically; nothing on failure.
+
+  Args:
+    params: vit_jax params.
+    path: a `.npz` file, or a directory for 'hf'.
+    format: 'auto' (from the path) or one of WRITE_FORMATS.
+    model_kwargs: the model's fields (`vit_jax.models.model_kwargs`); 'hf' needs them, and
+      they are inferred from the shapes when None.
+    image_size: the resolution written into HF's config; None: from the position embeddings.
+    class_names: labels for HF's id2label; None: LABEL_<i>.
+  """
+  path = os.fspath(path)
+  _check_format(format, WRITE_FORMATS, path)
+  if format == 'auto':
+    format = detect_format(path, writing=True)
+  flat = to_layout(tree.to_numpy(tree.flatten(params)), scanned=False)
+  if format == 'timm' and model_family(flat) not in ('ViT', 'R50+ViT'):
+    raise UserError(f'timm format holds ViTs; these weights are a {model_family(flat)}: '
+                    'write npz instead')
+  if format in ('npz', 'timm'):
+    npz.write(flat, path)
+    return
+  model_kwargs = complete_kwargs(infer_model_kwargs(flat) if model_kwargs is None
+                                 else model_kwargs)
+  hf.check_writable(model_kwargs)
+  if image_size is None:
+    image_size = infer_image_size(flat, model_kwargs)
+  hf.write(flat, model_kwargs, path, image_size=image_size, class_names=class_names)
+
+
+def from_hf(path):
+  """Reads an HF ViT directory: `(params, model_kwargs)` with nested vit_jax params.
+
+  `models.VisionTransformer(**model_kwargs)` is the model they belong to.
+  """
+  params, metadata = load_weights(path, format='hf')
+  return tree.unflatten(params), metadata['model_kwargs']
+
+
+def to_hf(params, model_kwargs, path, image_size=None, class_names=None):
+  """Writes a token-classifier ViT as an HF `ViTForImageClassification` directory (no torch)."""
+  save_weights(params, path, format='hf', model_kwargs=model_kwargs, image_size=image_size,
+               class_names=class_names)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a set of weights is.
+
+
+def model_family(flat):
+  """'ViT', 'R50+ViT', 'Mixer' or 'unknown', from the parameter names."""
+  if 'stem/kernel' in flat or any(key.startswith('MixerBlock_') for key in flat):
+    return 'Mixer'
+  if 'conv_root/kernel' in flat:
+    return 'R50+ViT'
+  if any(key.startswith('Transformer/') for key in flat):
+    return 'ViT'
+  return 'unknown'
+
+
+def is_scanned(flat):
+  return any(key.startswith('Transformer/encoderblock/') for key in flat)
+
+
+def to_layout(flat, scanned):
+  """Flat params in the scanned (True) or per-layer (False) encoder layout."""
+  if is_scanned(flat) == scanned or not any(k.startswith('Transformer/') for k in flat):
+    return flat
+  convert = layout.layers_to_scan if scanned else layout.scan_to_layers
+  return tree.flatten(convert(tree.unflatten(flat)))
+
+
+def infer_model_kwargs(flat):
+  """The module fields a set of weights was made for, from their names and shapes alone.
+
+  Returns a dict for `models.VisionTransformer(**kw)` or `models.MlpMixer(**kw)` (Mixer: it has
+  `tokens_mlp_dim`). The pooling of a ViT without class token or MAP head is taken as 'gap'.
+  """
+  family = model_family(flat)
+  if family == 'Mixer':
+    hidden = flat['stem/kernel'].shape
+    return dict(
+        patch_size=tuple(hidden[:2]), hidden_size=hidden[-1],
+        num_layers=len({k.split('/')[0] for k in flat if k.startswith('MixerBlock_')}),
+        tokens_mlp_dim=flat['MixerBlock_0/token_mixing/Dense_0/kernel'].shape[-1],
+        channels_mlp_dim=flat['MixerBlock_0/channel_mixing/Dense_0/kernel'].shape[-1],
+        num_classes=flat['head/bias'].shape[0] if 'head/bias' in flat else None)
+  if family == 'unknown' or 'embedding/kernel' not in flat:
+    raise UserError('these weights are neither a ViT nor a Mixer (no embedding/kernel, '
+                    f'Transformer/ or MixerBlock_0/; first keys: {", ".join(sorted(flat)[:5])})')
+  flat = to_layout(flat, scanned=False)
+  block = 'Transformer/encoderblock_0/'
+  embedding = flat['embedding/kernel'].shape  # (P, P, C, D)
+  if 'cls' in flat:
+    classifier = 'token'
+  elif 'MAPHead_0/probe' in flat:
+    classifier = 'map'
+  else:
+    classifier = 'gap'
+  kwargs = dict(
+      patch_size=tuple(embedding[:2]), hidden_size=embedding[-1],
+      num_layers=len({k.split('/')[1] for k in flat if k.startswith('Transformer/encoderblock_')}),
+      num_heads=flat[block + 'MultiHeadDotProductAttention_1/query/kernel'].shape[1],
+      mlp_dim=flat[block + 'MlpBlock_3/Dense_0/kernel'].shape[-1],
+      classifier=classifier,
+      posemb='learn' if POSEMB_KEY in flat else 'sincos2d',
+      num_registers=flat['registers'].shape[1] if 'registers' in flat else 0,
+      representation_size=flat['pre_logits/bias'].shape[0] if 'pre_logits/bias' in flat else None,
+      qk_norm=block + 'MultiHeadDotProductAttention_1/query_norm/scale' in flat,
+      layer_scale_init=1e-5 if block + 'layer_scale_1' in flat else None,
+      num_classes=flat['head/bias'].shape[0] if 'head/bias' in flat else None)
+  if family == 'R50+ViT':
+    stages = sorted({int(m.group(1)) for m in map(re.compile(r'^block(\d+)/').match, flat) if m})
+    kwargs['resnet_layers'] = tuple(
+        len({k.split('/')[1] for k in flat if k.startswith(f'block{s}/')}) for s in stages)
+    kwargs['resnet_width'] = flat['conv_root/kernel'].shape[-1]
+  return kwargs
+
+
+def complete_kwargs(model_kwargs):
+  """`model_kwargs` with every module field the dict leaves out at its dataclass default."""
+  model_cls = models.MlpMixer if 'tokens_mlp_dim' in model_kwargs else models.VisionTransformer
+  defaults = {field.name: field.default for field in dataclasses.fields(model_cls)
+              if field.default is not dataclasses.MISSING and field.name not in ('parent', 'name')}
+  return {**defaults, **model_kwargs}
+
+
+def _prefix_tokens(model_kwargs):
+  if 'tokens_mlp_dim' in model_kwargs:
+    return 0
+  return models.posemb_prefix_tokens(complete_kwargs(model_kwargs))
+
+
+def infer_image_size(flat, model_kwargs):
+  """Square image side the weights were trained at, from the position embeddings; else 224."""
+  if POSEMB_KEY not in flat:
+    return 224
+  grid_tokens = flat[POSEMB_KEY].shape[1] - _prefix_tokens(model_kwargs)
+  side = math.isqrt(grid_tokens)
+  if side * side != grid_tokens:
+    raise UserError(f'{grid_tokens} position embeddings are not a square grid; pass image_size')
+  pixels_per_token = model_kwargs['patch_size'][0]
+  if model_kwargs.get('resnet_layers'):
+    pixels_per_token *= 2**(1 + len(model_kwargs['resnet_layers']))
+  return side * pixels_per_token
+
+
+def _describe(model_kwargs):
+  if 'tokens_mlp_dim' in model_kwargs:
+    family = 'Mixer'
+  else:
+    family = 'R50+ViT' if model_kwargs.get('resnet_layers') else 'ViT'
+  patch = 'x'.join(map(str, model_kwargs.get('patch_size', ())))
+  return (f'{family} (width {model_kwargs.get("hidden_size")}, '
+          f'{model_kwargs.get("num_layers")} layers, patch {patch})')
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitting weights to a model.
+
+
+def _summarise(keys):
+  """Sorted keys, with per-block repeats folded: `Transformer/encoderblock_{0..11}/x`."""
+  groups = {}
+  for key in keys:
+    match = re.search(r'(encoderblock_|MixerBlock_|unit)(\d+)/', key)
+    pattern = key[:match.start(2)] + '{}' + key[match.end(2):] if match else key
+    groups.setdefault(pattern, []).append(int(match.group(2)) if match else None)
+  parts = []
+  for pattern, ids in sorted(groups.items()):
+    if ids == [None]:
+      parts.append(pattern)
+      continue
+    ids = sorted(ids)
+    if len(ids) == 1:
+      text = str(ids[0])
+    elif ids == list(range(ids[0], ids[-1] + 1)):
+      text = f'{{{ids[0]}..{ids[-1]}}}'
+    else:
+      text = '{' + ','.join(map(str, ids)) + '}'
+    parts.append(pattern.replace('{}', text, 1))
+  return ', '.join(parts)
+
+
+def fit_to_model(source, init_params, model_kwargs, source_name='checkpoint', model_name=None,
+                 log=print):
+  """Fits flat source params to `init_params`' keys, shapes, dtypes and encoder layout.
+
+  The head (`head/*`) and `pre_logits/*` come from `init_params` when their shapes differ or
+  the checkpoint has none (a new class count: a fresh head); the checkpoint's are dropped when
+  the model has none. Position embeddings are resized to the model's grid. Any other
+  difference raises UserError listing every missing, unexpected and mis-shaped key.
+
+  Returns nested params (numpy arrays) with `init_params`' structure and dtypes.
+  """
+  target = tree.flatten(init_params)
+  source = to_layout(dict(source), scanned=is_scanned(target))
+  model_name = model_name or _describe(model_kwargs)
+
+  notes = []
+  for prefix in HEAD_PREFIXES:
+    target_keys = {k for k in target if k.startswith(prefix)}
+    source_keys = {k for k in source if k.startswith(prefix)}
+    if not target_keys and source_keys:
+      notes.append(f'dropped the checkpoint\'s {prefix.rstrip("/")} (the model has none)')
+      for key in source_keys:
+        del source[key]
+    elif target_keys and (target_keys != source_keys or any(
+        tuple(source[k].shape) != tuple(target[k].shape) for k in target_keys)):
+      shapes = lambda d, ks: ', '.join(f'{tuple(d[k].shape)}' for k in sorted(ks))
+      notes.append(f'fresh {prefix.rstrip("/")} from the model\'s init ('
+                   f'{shapes(source, source_keys) or "none"} in the checkpoint, '
+                   f'{shapes(target, target_keys)} in the model)')
+      for key in source_keys:
+        del source[key]
+      source.update({k: target[k] for k in target_keys})
+
+  if POSEMB_KEY in source and POSEMB_KEY in target:
+    old_shape, new_shape = source[POSEMB_KEY].shape, tuple(target[POSEMB_KEY].shape)
+    if tuple(old_shape) != new_shape and old_shape[2:] == new_shape[2:]:
+      num_prefix = _prefix_tokens(model_kwargs)
+      grid_tokens = new_shape[1] - num_prefix
+      side = math.isqrt(grid_tokens)
+      if side * side != grid_tokens:
+        raise UserError(f'cannot resize position embeddings to {grid_tokens} tokens: not a '
+                        'square grid')
+      source[POSEMB_KEY] = np.asarray(
+          models.resize_posemb(np.asarray(source[POSEMB_KEY]), (side, side), num_prefix))
+      notes.append(f'resized position embeddings {tuple(old_shape)} -> {new_shape}')
+
+  missing = sorted(set(target) - set(source))
+  unexpected = sorted(set(source) - set(target))
+  misshaped = sorted(k for k in set(source) & set(target)
+                     if tuple(source[k].shape) != tuple(target[k].shape))
+  if missing or unexpected or misshaped:
+    parts = []
+    if missing:
+      parts.append('missing ' + _summarise(missing))
+    if unexpected:
+      parts.append('unexpected ' + _summarise(unexpected))
+    if misshaped:
+      parts.append('wrong shape ' + ', '.join(
+          f'{k} {tuple(source[k].shape)} (model: {tuple(target[k].shape)})' for k in misshaped))
+    family = model_family(source)
+    target_family = model_family(target)
+    hint = (f' (the checkpoint is a {family}, the model a {target_family})'
+            if family != target_family else '')
+    raise UserError(f'{source_name} does not match {model_name}{hint}: ' + '; '.join(parts))
+
+  for note in notes:
+    log(f'{source_name}: {note}')
+  fitted = {}
+  for key, value in source.items():
+    dtype = target[key].dtype
+    fitted[key] = np.asarray(np.asarray(value).astype(dtype))
+  return tree.unflatten(fitted)
+
+
+def load_for_finetune(path, init_params, model_kwargs, format='auto', model_name=None,
+                      log=print):
+  """Reads any supported checkpoint and fits it to a model, for fine-tuning.
+
+  Args:
+    path: a `.npz` (vit_jax, big_vision, timm), an HF directory, or a train.py workdir.
+    init_params: the model's freshly initialised params (nested); give the fresh head and the
+      target shapes, dtypes and encoder layout (scanned or per layer).
+    model_kwargs: the model's fields (`vit_jax.models.model_kwargs(...)`); `classifier` says
+      how many position embeddings precede the grid.
+    format: 'auto' or one of READ_FORMATS.
+    model_name: named in error messages (e.g. 'ViT-B/16'); default: a description of the model.
+    log: prints what was changed (fresh head, resized position embeddings).
+
+  Returns:
+    Nested params as numpy arrays, with `init_params`' structure and dtypes.
+  """
+  source, _ = load_weights(path, format=format)
+  return fit_to_model(source, init_params, model_kwargs, source_name=os.fspath(path),
+                      model_name=model_name, log=log)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _init_params(model_kwargs, image_size, seed=0):
+  """Freshly initialised params of the model with these fields, on the CPU."""
+  model_cls = models.MlpMixer if 'tokens_mlp_dim' in model_kwargs else models.VisionTransformer
+  model = model_cls(**model_kwargs)
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  with jax.default_device(jax.devices('cpu')[0]):
+    return jax.device_get(jax.jit(lambda: model.init(jax.random.key(seed), images))())['params']
+
+
+def convert(src, dst, src_format='auto', dst_format='auto', model_name=None, num_classes=None,
+            image_size=None, log=print):
+  """Converts `src` to `dst`, optionally fitted to a model first; see the module docstring."""
+  source, metadata = load_weights(src, format=src_format)
+  model_kwargs = dict(metadata.get('model_kwargs') or infer_model_kwargs(source))
+  source_size = metadata.get('image_size') or infer_image_size(source, model_kwargs)
+  class_names = metadata.get('class_names')
+
+  if model_name is not None or num_classes is not None or image_size is not None:
+    if model_name is not None:
+      # The name sets the architecture; pooling and extras follow the checkpoint.
+      _, shape_fields = models.decode_name(model_name)
+      is_mixer = 'tokens_mlp_dim' in shape_fields
+      if is_mixer != ('tokens_mlp_dim' in model_kwargs):
+        kept = {}
+      else:
+        kept = {k: v for k, v in model_kwargs.items() if k not in shape_fields
+                and k not in ('resnet_layers', 'resnet_width', 'num_classes')}
+      model_kwargs = {**models.model_kwargs(model_name, model_kwargs.get('num_classes')),
+                      **kept}
+    if num_classes is not None:
+      if num_classes != model_kwargs.get('num_classes'):
+        class_names = None
+      model_kwargs['num_classes'] = num_classes
+    image_size = image_size or source_size
+    init_params = _init_params(model_kwargs, image_size)
+    source = tree.flatten(fit_to_model(source, init_params, model_kwargs, source_name=src,
+                                       model_name=model_name, log=log))
+  else:
+    image_size = source_size
+  save_weights(source, dst, format=dst_format, model_kwargs=model_kwargs,
+               image_size=image_size, class_names=class_names)
+  log(f'wrote {dst} ({_describe(model_kwargs)}, {image_size} px, '
+      f'{model_kwargs.get("num_classes") or "no"} classes)')
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+      prog='python -m vit_jax.convert',
+      description='Convert ViT weights between vit_jax/big_vision .npz, HuggingFace, timm and '
+                  'train.py workdirs.')
+  parser.add_argument('src', help='.npz file, HF directory, or train.py workdir / step folder')
+  parser.add_argument('dst', help='.npz file, or a directory for HF')
+  parser.add_argument('--from', dest='src_format', default='auto',
+                      choices=('auto',) + READ_FORMATS)
+  parser.add_argument('--to', dest='dst_format', default='auto',
+                      choices=('auto',) + WRITE_FORMATS)
+  parser.add_argument('--model', help="fit to this model, e.g. 'ViT-B/16'")
+  parser.add_argument('--num_classes', type=int, help='a fresh head with this many classes')
+  parser.add_argument('--image_size', type=int, help='resize position embeddings to this')
+  args = parser.parse_args(argv)
+  try:
+    convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format,
+            model_name=args.model, num_classes=args.num_classes, image_size=args.image_size)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  main()

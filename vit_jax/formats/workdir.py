@@ -1,0 +1,56 @@
+"""Training workdirs written by `train.py`: `config.json`, `class_names.json` and Orbax
+checkpoints under `checkpoints/<step>/`. Read only: a workdir is made by training.
+
+The path may be the workdir (its latest step), its `checkpoints` folder, or one step's folder
+(`workdir/checkpoints/1000`). Reading goes through `vit_jax.checkpoint.restore`, so the model is
+rebuilt from the saved config and only the params are read.
+"""
+
+import dataclasses
+import os
+
+from vit_jax import checkpoint
+from vit_jax.errors import UserError
+from vit_jax.formats import tree
+
+
+def locate(path):
+  """`(workdir, step or None)` for a workdir, its checkpoints folder or a step folder; else None."""
+  path = os.path.abspath(path)
+  candidates = [(path, None)]
+  parent, name = os.path.split(path)
+  if name == checkpoint.CHECKPOINT_SUBDIR:
+    candidates.append((parent, None))
+  grandparent, parent_name = os.path.split(parent)
+  if parent_name == checkpoint.CHECKPOINT_SUBDIR and name.isdigit():
+    candidates.append((grandparent, int(name)))
+  for workdir, step in candidates:
+    if (os.path.isfile(os.path.join(workdir, 'config.json'))
+        and os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR))):
+      return workdir, step
+  return None
+
+
+def read(path):
+  """Reads the params of a workdir's checkpoint.
+
+  Returns:
+    (params, metadata): params a flat `{'a/b': np.ndarray}`; metadata has `format`,
+    `model_kwargs` (the module's fields), `model_name`, `image_size`, `class_names`, `step`.
+  """
+  found = locate(path)
+  if found is None:
+    subdir = checkpoint.CHECKPOINT_SUBDIR
+    raise UserError(f'{path} is not a train.py workdir (no config.json and {subdir}/ in it, '
+                    'nor above a step folder)')
+  workdir, step = found
+  model, params, config = checkpoint.restore(workdir, step=step)
+  model_kwargs = {field.name: getattr(model, field.name) for field in dataclasses.fields(model)
+                  if field.name not in ('parent', 'name')}
+  try:
+    class_names = checkpoint.read_class_names(workdir)
+  except (OSError, ValueError):
+    class_names = None
+  return tree.to_numpy(tree.flatten(params)), {
+      'format': 'workdir', 'model_kwargs': model_kwargs, 'model_name': config.model_name,
+      'image_size': config.image_size, 'class_names': class_names, 'step': step}
