@@ -9,6 +9,7 @@ counts input pixels, so /16 is a 1x1 patch of the 16x-downsampled ResNet map), a
 `Mixer-<size>/<patch>` (size S B L H).
 """
 
+import dataclasses
 import re
 
 import jax
@@ -109,6 +110,12 @@ def model_kwargs(name, num_classes, **overrides):
     A dict; `decode_name(name)[0](**model_kwargs(...))` is the model.
   """
   model_cls, fields = decode_name(name)
+  defaults = {f.name: f.default for f in dataclasses.fields(model_cls)
+              if f.name not in ('parent', 'name') and f.default is not dataclasses.MISSING}
+  fields = {**defaults, **fields}
+  # An architecture field left at None means "as the name says" (configs declare them so).
+  overrides = {key: value for key, value in overrides.items()
+               if not (value is None and key in VIT_SHAPE_OVERRIDES + MIXER_SHAPE_OVERRIDES)}
   if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 0):
     raise UserError(f'num_classes must be a non-negative int or None, got {num_classes!r}')
   if model_cls is MlpMixer:
