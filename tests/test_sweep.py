@@ -208,3 +208,41 @@ def test_summary_of_an_unfinished_run_uses_its_last_metrics(tmp_path):
   assert b['test_accuracy'] is None and b['schedule.base_lr'] == 0.2
   with pytest.raises(UserError, match='no runs in'):
     sweep_lib.find_runs(str(tmp_path / 'not_a_run'))
+
+
+@pytest.mark.slow
+def test_quickstart_sweep_runs_reruns_without_work_and_summarizes(tmp_path):
+  """The shipped 4-point sweep of the quickstart, at a few steps, through the real train.py."""
+  root = tmp_path / 'runs'
+  # A few steps of a 1-layer, 16-wide version: the point is the sweep machinery, not accuracy.
+  args = ['configs/sweeps/quickstart_lr_wd.py', '--workdir_root', str(root),
+          '--config.total_steps=3', '--config.schedule.warmup_steps=1',
+          '--config.batch_size=16', '--config.eval_every=0', '--config.log_every=1',
+          '--config.checkpoint_every=0', '--config.plot_every_eval=False',
+          '--config.model.num_layers=1', '--config.model.hidden_size=16',
+          '--config.model.mlp_dim=32']
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-m', 'vit_jax.sweep', *args], cwd=REPO,
+                          capture_output=True, text=True, env=env, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  finals = sorted(root.glob('*/final_metrics.json'))
+  assert len(finals) == 4
+  written = {p: p.stat().st_mtime_ns for p in finals}
+
+  result = subprocess.run([sys.executable, '-m', 'vit_jax.sweep', *args], cwd=REPO,
+                          capture_output=True, text=True, env=env, timeout=60)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.count('finished already, skipping') == 4
+  assert {p: p.stat().st_mtime_ns for p in finals} == written
+
+  result = _run_cli('summarize', str(root), '--format', 'csv')
+  assert result.returncode == 0, result.stderr[-3000:]
+  table = list(csv.DictReader(io.StringIO(result.stdout)))
+  assert len(table) == 4
+  assert {(float(r['schedule.base_lr']), float(r['optimizer.weight_decay'])) for r in table} == {
+      (lr, wd) for lr in (1e-3, 3e-3) for wd in (0.0, 0.05)}
+  assert all(r['status'] == 'finished' and int(r['step']) == 3 for r in table)
+  assert all(0.0 <= float(r['test_accuracy']) <= 1.0 for r in table)
+  assert 'model.hidden_size' not in table[0]  # the same in every run: not a difference
+  with open(root / 'curves.png', 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'

@@ -86,7 +86,7 @@ def test_dry_run_plan_is_exactly_the_recipe():
 
 def test_git_url_sweep_and_detach_variants():
   args, overrides = tpu_vm._parse(
-      BASE[:6] + ['--sweep', 'configs/sweeps/quickstart_lr.py', '--workdir', 'gs://b/sw',
+      BASE[:6] + ['--sweep', 'configs/sweeps/quickstart_lr_wd.py', '--workdir', 'gs://b/sw',
                   '--git_url', 'https://example.com/me/vit.git', '--git_ref', 'v1', '--detach',
                   '--config.total_steps=5'])
   steps = dict(tpu_vm.plan(args, overrides, 'unused.tar.gz'))
@@ -97,7 +97,7 @@ def test_git_url_sweep_and_detach_variants():
       'git -C ~/vit_jax checkout -q --detach FETCH_HEAD')
   assert steps['train'][-2] == (
       '--command=cd ~/vit_jax && nohup ~/vit_jax_env/bin/python -m vit_jax.sweep '
-      'configs/sweeps/quickstart_lr.py --workdir_root gs://b/sw --config.total_steps=5 '
+      'configs/sweeps/quickstart_lr_wd.py --workdir_root gs://b/sw --config.total_steps=5 '
       '> ~/vit_jax_train.log 2>&1 < /dev/null &')
   args, overrides = tpu_vm._parse(BASE + ['--skip_setup'])
   assert [p for p, _ in tpu_vm.plan(args, overrides, 'x')] == ['train']
@@ -114,7 +114,7 @@ def test_values_with_spaces_survive_both_shells():
 
 @pytest.mark.parametrize('extra, message', [
     (['--workdir', 'workdirs/run'], 'is not a gs:// path'),
-    (['--sweep', 'configs/sweeps/quickstart_lr.py'], 'exactly one of --config'),
+    (['--sweep', 'configs/sweeps/quickstart_lr_wd.py'], 'exactly one of --config'),
     (['--config.schedule.base_rl=1'], "unknown config key 'schedule.base_rl'"),
     (['--accelerator_type', 'v9x-8'], "no default --version for accelerator type 'v9x-8'"),
     (['--steps=3'], "unexpected argument '--steps=3'"),

@@ -2,23 +2,23 @@
 
 A sweep file is plain Python, like a config:
 
-    # configs/sweeps/quickstart_lr.py
+    # configs/sweeps/quickstart_lr_wd.py
     from vit_jax.sweep import axis, product
     base_config = 'configs/quickstart.py'
     def get_sweep():
       return product(axis('schedule.base_lr', [1e-3, 3e-3]),
-                     axis('schedule.warmup_steps', [0, 10]))
+                     axis('optimizer.weight_decay', [0.0, 0.05]))
 
 `get_sweep()` returns the points: a list of dicts of config overrides (`product` makes a grid,
 `zipit` pairs values up, a hand-written list works as well). Every point is one ordinary
 `train.py` command line, so a sweep is literally a list of commands:
 
-    python -m vit_jax.sweep configs/sweeps/quickstart_lr.py [--config.total_steps=5 ...]
+    python -m vit_jax.sweep configs/sweeps/quickstart_lr_wd.py [--config.total_steps=5 ...]
         runs the points one after another, each in its own workdir under
         workdirs/sweeps/<sweep name>/ (--workdir_root), skipping points already finished;
-    python -m vit_jax.sweep configs/sweeps/quickstart_lr.py --print
+    python -m vit_jax.sweep configs/sweeps/quickstart_lr_wd.py --print
         prints the commands instead, one a line, for a TPU VM or a job scheduler;
-    python -m vit_jax.sweep summarize workdirs/sweeps/quickstart_lr
+    python -m vit_jax.sweep summarize workdirs/sweeps/quickstart_lr_wd
         prints a table of what differs between the runs and their final metrics, and writes
         summary.md, summary.csv and curves.png into that folder.
 """
@@ -384,7 +384,7 @@ def _run_main(argv):
       prog='python -m vit_jax.sweep', allow_abbrev=False,
       description='Runs (or prints) every point of a sweep file. Extra --config.<key>=<value> '
                   'arguments are passed to every point. "summarize DIR" tabulates the results.')
-  parser.add_argument('sweep_file', help='e.g. configs/sweeps/quickstart_lr.py')
+  parser.add_argument('sweep_file', help='e.g. configs/sweeps/quickstart_lr_wd.py')
   parser.add_argument('--workdir_root', default=None,
                       help=f'folder of the point workdirs (default {DEFAULT_WORKDIR_ROOT}/<sweep '
                            'name>); a gs:// path works with --print')
