@@ -206,6 +206,8 @@ def test_summary_of_an_unfinished_run_uses_its_last_metrics(tmp_path):
   b = dict(zip(header, rows[1]))
   assert b['status'] == 'unfinished' and b['step'] == 10 and b['train_loss'] == 2.2
   assert b['test_accuracy'] is None and b['schedule.base_lr'] == 0.2
+  a = dict(zip(header, rows[0]))  # A finished run: final metrics plus its last train loss.
+  assert a['status'] == 'finished' and a['test_accuracy'] == 0.9 and a['train_loss'] == 2.1
   with pytest.raises(UserError, match='no runs in'):
     sweep_lib.find_runs(str(tmp_path / 'not_a_run'))
 

@@ -308,14 +308,22 @@ def summary_table(run_dirs):
   varied = [k for k in all_keys
             if len({json.dumps(c.get(k, _missing), default=repr, sort_keys=True)
                     for c in configs}) > 1]
-  results = []
+  results = []  # (status, {metric: latest value}); final metrics override the last logged ones.
+  final_keys = set()
   for d in run_dirs:
+    metrics = _last_metrics(os.path.join(d, 'metrics.jsonl'))
     final_path = os.path.join(d, FINISHED_MARKER)
-    if os.path.exists(final_path):
-      results.append(('finished', _read_json(final_path)))
-    else:
-      results.append(('unfinished', _last_metrics(os.path.join(d, 'metrics.jsonl'))))
-  metric_keys = sorted({k for _, m in results for k in m} - {'step'})
+    finished = os.path.exists(final_path)
+    if finished:
+      final = _read_json(final_path)
+      final_keys |= set(final)
+      metrics.update(final)
+    results.append(('finished' if finished else 'unfinished', metrics))
+  # The final (eval) metrics and the last train loss; the logged rest (img/s, learning rate,
+  # ...) only while no run has finished.
+  logged = {k for _, m in results for k in m}
+  shown = (final_keys | ({'train_loss'} & logged)) if final_keys else logged
+  metric_keys = sorted(shown - {'step'}, key=lambda k: (not k.startswith('test_'), k))
   header = ['run'] + varied + ['status', 'step'] + metric_keys
   rows = []
   for d, config, (status, metrics) in zip(run_dirs, configs, results):
