@@ -81,6 +81,8 @@ def test_point_names_are_short_readable_and_unique():
   names = sweep_lib.point_names([{'data.name': 'a/b'}, {'data.name': 'a b'}, {}])
   assert all('/' not in n and ' ' not in n for n in names)
   assert len(set(names)) == 3 and names[0].startswith('name=a_b-') and names[2] == 'base'
+  with pytest.raises(UserError, match='None cannot be given'):
+    sweep_lib.point_names([{'model.representation_size': None}])
   with pytest.raises(UserError, match='repeats point 0'):
     sweep_lib.point_names([{'seed': 1}, {'seed': 1}])
 

@@ -155,10 +155,13 @@ def format_value(value):
   """A value as `--config.<key>=<value>` spells it (ml_collections parses it back)."""
   if isinstance(value, str):
     return value
-  if isinstance(value, (bool, int, float, tuple, list)) or value is None:
+  if value is None:  # config_flags parses 'None' as the field's type and fails.
+    raise UserError('sweep value None cannot be given on the command line; leave the key out '
+                    'of that point to keep the base config\'s value')
+  if isinstance(value, (bool, int, float, tuple, list)):
     return repr(value)
   raise UserError(f'sweep value {value!r} is a {type(value).__name__}; use str, int, float, '
-                  'bool, None, tuple or list')
+                  'bool, tuple or list')
 
 
 def _short_keys(keys):
