@@ -17,17 +17,22 @@ _TEST_FRACTION = 0.2
 _SPLIT_SEED = 0
 
 
-def load(split):
-  """The digits `split` ('train' or 'test') as an in-memory Table of uint8 (N, 8, 8, 3)."""
+def split_rows(split, labels):
+  """Sorted rows of the full set (with `labels`) that belong to `split`."""
   if split not in SPLITS:
     raise UserError(f'digits has no split {split!r}; valid: {", ".join(SPLITS)}')
-  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
   from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+  train_rows, test_rows = model_selection.train_test_split(
+      np.arange(len(labels)), test_size=_TEST_FRACTION, stratify=labels,
+      random_state=_SPLIT_SEED)
+  return np.sort(train_rows if split == 'train' else test_rows)
+
+
+def load(split):
+  """The digits `split` ('train' or 'test') as an in-memory Table of uint8 (N, 8, 8, 3)."""
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
   digits = sk_datasets.load_digits()
+  rows = split_rows(split, digits.target)
   pixels = np.round(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
   pixels = np.repeat(pixels[..., None], 3, axis=-1)  # (1797, 8, 8, 3)
-  train_rows, test_rows = model_selection.train_test_split(
-      np.arange(len(pixels)), test_size=_TEST_FRACTION, stratify=digits.target,
-      random_state=_SPLIT_SEED)
-  rows = np.sort(train_rows if split == 'train' else test_rows)
   return table_lib.Table(labels=digits.target[rows].astype(np.int32), pixels=pixels[rows])

@@ -153,12 +153,18 @@ def randaugment(image, seed, num_layers, magnitude):
   """uint8 (H, W, 3) -> uint8 (H, W, 3) after `num_layers` random ops at `magnitude`."""
   fraction = float(magnitude) / _MAX_LEVEL
   shape = image.shape
-  image = tf.cast(image, tf.float32)
-  for layer_seed in tf.unstack(tf.random.experimental.stateless_split(seed, num=num_layers)):
-    op_seed, sign_seed = tf.unstack(tf.random.experimental.stateless_split(layer_seed, num=2))
+  layer_seeds = tf.random.experimental.stateless_split(seed, num=num_layers)  # (layers, 2)
+
+  # A while loop rather than a Python loop: the 14 branches are traced once, not per layer.
+  def one_layer(layer, image):
+    op_seed, sign_seed = tf.unstack(
+        tf.random.experimental.stateless_split(layer_seeds[layer], num=2))
     op_index = tf.random.stateless_uniform([], op_seed, 0, len(OPS), dtype=tf.int32)
     sign = tf.where(tf.random.stateless_uniform([], sign_seed) < 0.5, -1.0, 1.0)
     branches = [lambda op=op: tf.cast(_to_uint8(op(image, fraction, sign)), tf.float32)
                 for op in OPS]
-    image = tf.switch_case(op_index, branches)
+    return layer + 1, tf.ensure_shape(tf.switch_case(op_index, branches), shape)
+
+  _, image = tf.while_loop(lambda layer, _: layer < num_layers, one_layer,
+                           (tf.constant(0), tf.cast(image, tf.float32)))
   return tf.ensure_shape(_to_uint8(image), shape)

@@ -21,13 +21,13 @@ from vit_jax.data import augment
 from vit_jax.data import table as table_lib
 from vit_jax.errors import UserError
 
-TFDS_STORAGE_HOST = 'storage.googleapis.com'
+TFDS_STORAGE_ADDRESS = ('storage.googleapis.com', 443)  # where tfds downloads from
 
 
 def tfds_host_reachable(timeout_s=3.0):
   """Whether the tfds storage host accepts a TCP connection within `timeout_s`."""
   try:
-    with socket.create_connection((TFDS_STORAGE_HOST, 443), timeout=timeout_s):
+    with socket.create_connection(TFDS_STORAGE_ADDRESS, timeout=timeout_s):
       return True
   except OSError:
     return False
@@ -118,7 +118,7 @@ def _prepare(builder, config):
                     f'{builder.data_dir_root} and config.data.download=False; {how}')
   if not tfds_host_reachable():
     raise UserError(f'tfds data set {name!r} is not prepared in data_dir '
-                    f'{builder.data_dir_root} and {TFDS_STORAGE_HOST} is unreachable '
+                    f'{builder.data_dir_root} and {TFDS_STORAGE_ADDRESS[0]} is unreachable '
                     f'(offline?); {how}')
   try:
     builder.download_and_prepare()
