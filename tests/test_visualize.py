@@ -165,7 +165,7 @@ def test_model_attentions_from_a_scanned_map_model_with_registers():
   model = create_model('ViT-Ti/8', 3, classifier='map', scan=True, num_registers=1,
                        hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32)
   images = np.random.default_rng(7).uniform(-1, 1, size=(2, 24, 24, 3)).astype(np.float32)
-  params = model.init(jax.random.key(0), images)['params']
+  params = jax.jit(model.init)(jax.random.key(0), images)['params']
   seen = visualize.model_attentions(model, params, images)
   np.testing.assert_allclose(seen.logits, model.apply({'params': params}, images), atol=1e-5)
   assert seen.layers.shape == (2, 2, 2, 1 + 9, 1 + 9)         # 1 register + 3x3 patches

@@ -51,7 +51,9 @@ def model_attentions(model, params, images):
   The attention is read from the `intermediates` the model sows (per-layer `encoderblock_{i}`,
   or one scanned `encoderblock` with a leading layer axis).
   """
-  logits, state = model.apply({'params': params}, images, train=False, mutable=['intermediates'])
+  apply = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False,
+                                          mutable=['intermediates']))
+  logits, state = apply(params, images)
   intermediates = state['intermediates']
   return ModelAttention(np.asarray(logits, np.float32), collect_attentions(intermediates),
                         collect_probe_attention(intermediates))
