@@ -10,7 +10,7 @@ import pytest
 
 from vit_jax import convert, models
 from vit_jax.errors import UserError
-from vit_jax.formats import tree
+from vit_jax.formats import hf, tree
 
 TINY = dict(patch_size=8, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64)
 
@@ -32,9 +32,18 @@ def random_params(model_kwargs, image_size, seed=0):
   return tree.unflatten(flat)
 
 
+_COMPILED = {}
+
+
 def apply(model_kwargs, params, images):
-  model_cls = models.MlpMixer if 'tokens_mlp_dim' in model_kwargs else models.VisionTransformer
-  return np.asarray(model_cls(**model_kwargs).apply({'params': params}, images, train=False))
+  """Logits, with one compiled function per model shared by the tests (CPU time is scarce)."""
+  key = repr(sorted(model_kwargs.items()))
+  if key not in _COMPILED:
+    model_cls = (models.MlpMixer if 'tokens_mlp_dim' in model_kwargs
+                 else models.VisionTransformer)
+    model = model_cls(**model_kwargs)
+    _COMPILED[key] = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+  return np.asarray(_COMPILED[key](params, images))
 
 
 def random_images(image_size, seed=1):
@@ -123,6 +132,37 @@ def test_hf_refuses_models_it_cannot_hold(tmp_path):
   assert os.listdir(tmp_path) == []
 
 
+def test_hf_reader_takes_new_key_names_and_refuses_unknown_activations(tmp_path):
+  from safetensors.numpy import load_file, save_file
+  kwargs = tiny_kwargs()
+  params = random_params(kwargs, 32)
+  convert.to_hf(params, kwargs, tmp_path / 'hf')
+  legacy = load_file(tmp_path / 'hf' / 'model.safetensors')
+  # The module names transformers >= 5 uses in memory, as another tool might save them.
+  renamed = {key.replace('vit.encoder.layer.', 'vit.layers.')
+             .replace('attention.attention.query', 'attention.q_proj')
+             .replace('attention.attention.key', 'attention.k_proj')
+             .replace('attention.attention.value', 'attention.v_proj')
+             .replace('attention.output.dense', 'attention.o_proj')
+             .replace('intermediate.dense', 'mlp.fc1')
+             .replace('output.dense', 'mlp.fc2'): value for key, value in legacy.items()}
+  assert 'vit.layers.1.mlp.fc2.weight' in renamed
+  save_file(renamed, tmp_path / 'hf' / 'model.safetensors', metadata={'format': 'pt'})
+  loaded, _ = convert.from_hf(tmp_path / 'hf')
+  for key, value in tree.flatten(params).items():
+    np.testing.assert_array_equal(tree.flatten(loaded)[key], value, err_msg=key)
+
+  config_path = tmp_path / 'hf' / 'config.json'
+  config = json.loads(config_path.read_text())
+  config_path.write_text(json.dumps({**config, 'hidden_act': 'relu'}))
+  with pytest.raises(UserError, match="hidden_act 'relu'"):
+    convert.from_hf(tmp_path / 'hf')
+  config_path.write_text(json.dumps({**config, 'hidden_act': 'gelu'}))
+  notes = []
+  hf.read(str(tmp_path / 'hf'), log=notes.append)
+  assert len(notes) == 1 and 'exact (erf) GELU' in notes[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # .npz: exact round trip, the published layouts, big_vision's.
 
@@ -144,6 +184,16 @@ def test_npz_round_trip_is_exact_and_per_layer(tmp_path):
   for key in expected:
     assert loaded[key].dtype == expected[key].dtype
     np.testing.assert_array_equal(loaded[key], expected[key], err_msg=key)
+
+  # timm reads this same layout; writing for it refuses what its ViT loader cannot take.
+  convert.save_weights(params, tmp_path / 'for_timm.npz', format='timm')
+  with np.load(tmp_path / 'for_timm.npz') as archive:
+    assert set(archive.files) == keys
+  mixer = models.model_kwargs('Mixer-B/16', 3, patch_size=8, hidden_size=16, num_layers=1,
+                              tokens_mlp_dim=8, channels_mlp_dim=16)
+  with pytest.raises(UserError, match='timm format holds ViTs'):
+    convert.save_weights(random_params(mixer, 32), tmp_path / 'mixer.npz', format='timm')
+  assert not os.path.exists(tmp_path / 'mixer.npz')
 
 
 def published_npz(path, name, image_size, groupnorm_4d=False):

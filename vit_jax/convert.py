@@ -292,6 +292,9 @@ def fit_to_model(source, init_params, model_kwargs, source_name='checkpoint', mo
   the model has none. Position embeddings are resized to the model's grid. Any other
   difference raises UserError listing every missing, unexpected and mis-shaped key.
 
+  `init_params` may be abstract (`jax.eval_shape` output): the check needs only shapes, and
+  fresh parts then come back as the `jax.ShapeDtypeStruct`s they were.
+
   Returns nested params (numpy arrays) with `init_params`' structure and dtypes.
   """
   target = tree.flatten(init_params)
@@ -352,8 +355,10 @@ def fit_to_model(source, init_params, model_kwargs, source_name='checkpoint', mo
     log(f'{source_name}: {note}')
   fitted = {}
   for key, value in source.items():
-    dtype = target[key].dtype
-    fitted[key] = np.asarray(np.asarray(value).astype(dtype))
+    if isinstance(value, jax.ShapeDtypeStruct):
+      fitted[key] = value  # A fresh part of abstract init params: the caller fills it.
+    else:
+      fitted[key] = np.asarray(value).astype(target[key].dtype)
   return tree.unflatten(fitted)
 
 
@@ -383,13 +388,16 @@ def load_for_finetune(path, init_params, model_kwargs, format='auto', model_name
 # Command line.
 
 
-def _init_params(model_kwargs, image_size, seed=0):
-  """Freshly initialised params of the model with these fields, on the CPU."""
+def _init_params(model_kwargs, image_size, abstract, seed=0):
+  """The params of a fresh model with these fields (on the CPU), or only their shapes."""
   model_cls = models.MlpMixer if 'tokens_mlp_dim' in model_kwargs else models.VisionTransformer
   model = model_cls(**model_kwargs)
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  init = lambda: model.init(jax.random.key(seed), images, train=False)['params']
+  if abstract:
+    return jax.eval_shape(init)
   with jax.default_device(jax.devices('cpu')[0]):
-    return jax.device_get(jax.jit(lambda: model.init(jax.random.key(seed), images))())['params']
+    return jax.device_get(jax.jit(init)())
 
 
 def convert(src, dst, src_format='auto', dst_format='auto', model_name=None, num_classes=None,
@@ -417,9 +425,14 @@ def convert(src, dst, src_format='auto', dst_format='auto', model_name=None, num
         class_names = None
       model_kwargs['num_classes'] = num_classes
     image_size = image_size or source_size
-    init_params = _init_params(model_kwargs, image_size)
-    source = tree.flatten(fit_to_model(source, init_params, model_kwargs, source_name=src,
-                                       model_name=model_name, log=log))
+    # Shapes first: a mismatch is reported without initialising a large model.
+    source = tree.flatten(fit_to_model(
+        source, _init_params(model_kwargs, image_size, abstract=True), model_kwargs,
+        source_name=src, model_name=model_name, log=log))
+    fresh = [key for key, value in source.items() if isinstance(value, jax.ShapeDtypeStruct)]
+    if fresh:
+      init_params = tree.flatten(_init_params(model_kwargs, image_size, abstract=False))
+      source.update({key: np.asarray(init_params[key]) for key in fresh})
   else:
     image_size = source_size
   save_weights(source, dst, format=dst_format, model_kwargs=model_kwargs,
