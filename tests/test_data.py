@@ -89,6 +89,8 @@ def test_resume_at_step_k_equals_uninterrupted_run_with_augmentation():
   plain = take(data.create_datasets(digits_config()).train_batches(resume_step), 1)[0]
   np.testing.assert_array_equal(plain['labels'], resumed[0]['labels'])
   assert not np.array_equal(plain['images'], resumed[0]['images'])  # augmentation took effect
+  with pytest.raises(UserError, match='start_step'):
+    datasets.train_batches(-1)
 
 
 def test_process_shards_are_disjoint_and_cover_the_global_batch():

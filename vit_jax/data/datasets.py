@@ -68,14 +68,17 @@ class Datasets:
     """
     if start_step < 0:
       raise UserError(f'start_step must be >= 0, got {start_step}')
+    return self._train_iterator(start_step)
+
+  def _train_iterator(self, start_step):
+    """The generator behind `train_batches` (so a bad start_step fails at the call)."""
     if isinstance(self.train_source, table_lib.Table):
       examples = self._table_train_examples(start_step)
-      decode = self.train_source.decode
     else:
       examples = self.train_source.train_examples(
           self.seed, start_step, self.local_batch_size, self.global_batch_size,
           self.process_index)
-      decode = self.train_source.decode
+    decode = self.train_source.decode
 
     def preprocess(payload, label, position):
       seed = tf.stack([tf.constant(self.seed % 2**63, tf.int64), position])
