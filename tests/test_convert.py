@@ -291,26 +291,25 @@ def test_same_model_loads_unchanged(tmp_path):
 
 
 def test_new_resolution_and_classes_resize_posemb_and_refresh_head(tmp_path):
-  source_kwargs = tiny_kwargs(num_classes=5)
-  params = random_params(source_kwargs, 32)  # 4x4 grid + class token
+  source_kwargs = tiny_kwargs(num_classes=5, patch_size=16)
+  params = random_params(source_kwargs, 224)  # 14x14 grid + class token
   convert.save_weights(params, tmp_path / 'w.npz')
-  target_kwargs = tiny_kwargs(num_classes=3)
-  init = random_params(target_kwargs, 48, seed=9)  # 6x6 grid + class token
+  target_kwargs = tiny_kwargs(num_classes=3, patch_size=16)
+  init = random_params(target_kwargs, 384, seed=9)  # 24x24 grid + class token
   messages = []
   loaded = convert.load_for_finetune(tmp_path / 'w.npz', init, target_kwargs,
                                      log=messages.append)
   assert any('fresh head' in m for m in messages)
-  assert any('resized position embeddings' in m for m in messages)
+  assert any('resized position embeddings (1, 197, 32) -> (1, 577, 32)' in m for m in messages)
 
   np.testing.assert_array_equal(loaded['head']['kernel'], init['head']['kernel'])
+  np.testing.assert_array_equal(loaded['head']['bias'], init['head']['bias'])
   posemb = loaded['Transformer']['posembed_input']['pos_embedding']
   old = params['Transformer']['posembed_input']['pos_embedding']
-  assert posemb.shape == (1, 37, 32)
   np.testing.assert_array_equal(posemb[:, 0], old[:, 0])  # The class token's entry is kept.
-  # A bilinear resize keeps a constant grid constant and the grid's mean roughly.
-  assert abs(posemb[0, 1:].mean() - old[0, 1:].mean()) < 0.02
+  np.testing.assert_allclose(posemb, models.resize_posemb(old, (24, 24), 1), atol=1e-6)
   np.testing.assert_array_equal(loaded['embedding']['kernel'], params['embedding']['kernel'])
-  assert apply(target_kwargs, loaded, random_images(48)).shape == (2, 3)
+  assert apply(target_kwargs, loaded, random_images(384)).shape == (2, 3)
 
 
 def test_pre_logits_dropped_when_the_model_has_none(tmp_path):

@@ -19,6 +19,7 @@ timm (`timm.models.vision_transformer._load_weights`) all read.
 """
 
 import math
+import os
 import re
 import zipfile
 
@@ -127,6 +128,8 @@ def write(params, path):
   bfloat16 arrays are written as float32 (exact): numpy has no portable bfloat16, and every
   reader of these files expects float arrays.
   """
+  if os.path.isdir(path):
+    raise UserError(f'{path} is a directory; give a .npz file path')
   arrays = {}
   for key, value in tree.to_numpy(params).items():
     if value.dtype.name == 'bfloat16':
