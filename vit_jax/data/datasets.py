@@ -9,6 +9,8 @@ per-epoch permutations directly, so resuming costs nothing. Streamed tfds sets u
 deterministic tf.data pipeline and skip start_step * local_batch records on resume: the skipped
 records are read but not decoded (roughly the time of one pass over that many files).
 Augmentation randomness is seeded by (config.seed, the example's global stream position).
+In-memory sources are fully permuted each epoch, so data.shuffle_buffer only sizes the streamed
+tfds shuffle; digits are always in memory, so data.cache only matters for folders and tfds.
 """
 
 import dataclasses
