@@ -1,0 +1,150 @@
+"""Orbax checkpoints in `workdir/checkpoints`, and `restore` for notebooks.
+
+A checkpoint holds two items so a notebook can read the weights without building an optimizer:
+`params`, and `train_state` (optimizer state, EMA params and the step counters). Restores always
+pass an abstract target (shapes, dtypes and shardings): without one Orbax returns plain dicts and
+the optimizer state loses its types.
+"""
+
+import json
+import os
+import warnings
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vit_jax.errors import UserError
+
+CHECKPOINT_SUBDIR = 'checkpoints'
+
+
+def _train_state_item(state):
+  """The non-param part of a `TrainState` as a dict (None-valued fields left out)."""
+  item = {
+      'step': state.step,
+      'opt_state': state.opt_state,
+      'skipped_updates': state.skipped_updates,
+      'first_nonfinite_step': state.first_nonfinite_step,
+  }
+  if state.ema_params is not None:
+    item['ema_params'] = state.ema_params
+  return item
+
+
+class Checkpointer:
+  """Async saves every so often, keep-N, and restore of the newest checkpoint that reads."""
+
+  def __init__(self, workdir, keep=3, async_save=True):
+    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_SUBDIR))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=('params', 'train_state'))
+
+  def steps(self):
+    """The steps of the checkpoints on disk, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def save(self, state, force=False):
+    """Starts an (async) save of `state` at its step; returns whether one was started."""
+    step = int(jax.device_get(state.step))
+    if step in self._manager.all_steps():
+      return False
+    return self._manager.save(step, force=force, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params),
+        train_state=ocp.args.StandardSave(_train_state_item(state))))
+
+  def wait(self):
+    """Blocks until every async save has been committed to disk."""
+    self._manager.wait_until_finished()
+
+  def restore_latest(self, abstract_state, log=print):
+    """Restores the newest checkpoint that reads into the structure of `abstract_state`.
+
+    A checkpoint that fails to read (a truncated or corrupt file) is reported and skipped, and
+    the one before it is tried. Returns `(state, step)`, or `(None, None)` with no checkpoints.
+    """
+    for step in reversed(self.steps()):
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state.params),
+            train_state=ocp.args.StandardRestore(_train_state_item(abstract_state))))
+      except Exception as e:  # pylint: disable=broad-except
+        message = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        log(f'warning: checkpoint at step {step} in {self.directory} could not be read '
+            f'({type(e).__name__}: {message}); trying the previous one')
+        warnings.warn(f'checkpoint at step {step} is unreadable; skipped')
+        continue
+      rest = restored['train_state']
+      state = abstract_state.replace(
+          step=rest['step'], params=restored['params'], opt_state=rest['opt_state'],
+          ema_params=rest.get('ema_params'), skipped_updates=rest['skipped_updates'],
+          first_nonfinite_step=rest['first_nonfinite_step'])
+      return state, step
+    return None, None
+
+  def close(self):
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def read_config(workdir):
+  """The `ml_collections.ConfigDict` a run in `workdir` was trained with."""
+  import ml_collections
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise UserError(f'{workdir} holds no config.json: not a vit_jax training workdir')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def read_class_names(workdir):
+  """The class names a run was trained on (`class_names.json`)."""
+  with open(os.path.join(workdir, 'class_names.json')) as f:
+    return json.load(f)
+
+
+def restore(workdir, step=None):
+  """`(model, params, config)` from a training workdir: the latest step, or `step`.
+
+  Builds the model from the saved config and reads only the params (no optimizer, no data), onto
+  the default device; works on a CPU-only machine for a checkpoint written anywhere.
+  """
+  from vit_jax import models  # Imported here: the model is needed only once there is a workdir.
+  import jax.numpy as jnp
+
+  config = read_config(workdir)
+  num_classes = len(read_class_names(workdir))
+  model = models.create_model(config.model_name, num_classes, **config.model.to_dict())
+  image_shape = (1, config.image_size, config.image_size, 3)
+  abstract_params = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros(image_shape), train=False))['params']
+  device_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract_params = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device_sharding),
+      abstract_params)
+
+  directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_SUBDIR))
+  manager = ocp.CheckpointManager(directory, item_names=('params', 'train_state'))
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise UserError(f'no checkpoints in {directory}')
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise UserError(f'no checkpoint at step {step} in {directory}; steps there: {steps}')
+  restored = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_params)))
+  manager.close()
+  return model, restored['params'], config
+
+
+def tree_digest(tree):
+  """A hex digest of every array in a pytree (for bit-exact comparisons across runs)."""
+  import hashlib
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]:
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return digest.hexdigest()

@@ -1,0 +1,95 @@
+"""Where numbers go: `metrics.jsonl`, TensorBoard event files, and the console progress line.
+
+Only process 0 writes (the others get a writer that drops everything), so a multi-host run
+produces one set of files.
+"""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def _tensorboard_writer(logdir):
+  """An event-file writer from the `tensorboard` package alone (no TensorFlow import)."""
+  try:
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+  except ImportError:  # TensorBoard is optional; metrics.jsonl is always written.
+    return None
+  return EventFileWriter(logdir)
+
+
+class MetricWriter:
+  """Appends `{'step': s, **scalars}` to `metrics.jsonl` and to TensorBoard in `workdir`."""
+
+  def __init__(self, workdir, enabled=True):
+    self.enabled = enabled
+    self.jsonl_path = os.path.join(workdir, 'metrics.jsonl')
+    self._tensorboard = _tensorboard_writer(workdir) if enabled else None
+
+  def write(self, step, scalars):
+    """Writes plain Python/numpy scalars for `step`."""
+    if not self.enabled:
+      return
+    row = {'step': int(step)}
+    row.update({name: float(np.asarray(value)) for name, value in scalars.items()})
+    with open(self.jsonl_path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+    if self._tensorboard is not None:
+      from tensorboard.compat.proto import event_pb2, summary_pb2
+      summary = summary_pb2.Summary(value=[
+          summary_pb2.Summary.Value(tag=name, simple_value=value)
+          for name, value in row.items() if name != 'step'])
+      self._tensorboard.add_event(
+          event_pb2.Event(wall_time=time.time(), step=row['step'], summary=summary))
+      self._tensorboard.flush()
+
+  def close(self):
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+
+
+def read_metrics(workdir):
+  """The rows of `workdir/metrics.jsonl` as a list of dicts (empty when there is none)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _format_seconds(seconds):
+  seconds = int(max(seconds, 0))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{seconds:02d}s'
+
+
+class Progress:
+  """The console line: step/total, loss, img/s, ETA; and the first step's compile time."""
+
+  def __init__(self, total_steps, enabled=True, stream=None):
+    self.total_steps = total_steps
+    self.enabled = enabled
+    self.stream = stream or sys.stdout
+
+  def compiled(self, seconds):
+    if self.enabled:
+      print(f'first step compiled and ran in {seconds:.1f}s', file=self.stream, flush=True)
+
+  def update(self, step, loss, img_per_sec, steps_per_sec):
+    if not self.enabled:
+      return
+    eta = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else 0.0
+    width = 20
+    done = int(width * step / max(self.total_steps, 1))
+    bar = '#' * done + '.' * (width - done)
+    print(f'[{bar}] step {step}/{self.total_steps} | loss {loss:.4f} | '
+          f'{img_per_sec:,.0f} img/s | ETA {_format_seconds(eta)}',
+          file=self.stream, flush=True)
+
+  def message(self, text):
+    if self.enabled:
+      print(text, file=self.stream, flush=True)

@@ -1,0 +1,153 @@
+"""The train step and the eval step: pure functions of (state, batch) that `jax.jit` compiles.
+
+Everything a step needs that is not an array (the model, the optimizer, sizes, rates) is bound
+with `functools.partial` by the loop, so one compile serves every step. Randomness (dropout,
+drop-path, mixup) comes from `fold_in(seed, step)`: no key lives in the state, and a resumed run
+draws exactly the numbers an uninterrupted one would.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from vit_jax.data import device as device_data
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes from step to step; what a checkpoint holds."""
+  step: jax.Array                 # int32 scalar: the number of updates taken so far
+  params: Any
+  opt_state: Any
+  ema_params: Any                 # same tree as params, or None when EMA is off
+  skipped_updates: jax.Array      # int32: updates skipped for a non-finite loss or gradient
+  first_nonfinite_step: jax.Array  # int32: -1 until a loss or gradient is non-finite
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """The static (non-array) settings of a step, hashable so jit can close over them."""
+  image_size: int
+  num_classes: int
+  seed: int
+  accum_steps: int = 1
+  mixup_alpha: float = 0.0
+  cutmix_alpha: float = 0.0
+  label_smoothing: float = 0.0
+  ema_decay: float = 0.0
+
+
+def create_train_state(params, tx, ema_decay):
+  """The state at step 0 for freshly initialised (or pretrained) `params`."""
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      ema_params=jax.tree_util.tree_map(jnp.copy, params) if ema_decay else None,
+      skipped_updates=jnp.zeros((), jnp.int32),
+      first_nonfinite_step=jnp.full((), -1, jnp.int32))
+
+
+def cross_entropy(logits, targets):
+  """Mean softmax cross-entropy against soft `targets` (batch, classes), computed in float32."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.mean(jnp.sum(targets * log_probs, axis=-1))
+
+
+def _all_finite(tree):
+  leaves = jax.tree_util.tree_leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+
+def train_step(state, batch, *, model, tx, schedule, settings):
+  """One update on a global batch of uint8 images; returns `(new_state, metrics)`.
+
+  The batch is resized and normalised on the device, mixed (mixup/cutmix, label smoothing),
+  split into `accum_steps` micro-batches whose gradients are averaged, and the update applied
+  unless the loss or a gradient is non-finite (then the state keeps its params, counts the skip
+  and remembers the first such step for the loop to report).
+  """
+  step_key = jax.random.fold_in(jax.random.key(settings.seed), state.step)
+  mix_key, dropout_key = jax.random.split(step_key)
+  images = device_data.preprocess(batch['images'], settings.image_size)
+  images, targets = device_data.mix(
+      mix_key, images, batch['labels'], settings.num_classes,
+      settings.mixup_alpha, settings.cutmix_alpha, settings.label_smoothing)
+
+  def loss_fn(params, micro_images, micro_targets, key):
+    logits = model.apply({'params': params}, micro_images, train=True, rngs={'dropout': key})
+    return cross_entropy(logits, micro_targets)
+
+  grad_fn = jax.value_and_grad(loss_fn)
+  if settings.accum_steps == 1:
+    loss, grads = grad_fn(state.params, images, targets, dropout_key)
+  else:
+    # Micro-batch j takes examples j, j+accum, ...: each device keeps its own slice of every
+    # micro-batch, so accumulation needs no data movement between devices.
+    def split(x):
+      x = x.reshape((x.shape[0] // settings.accum_steps, settings.accum_steps) + x.shape[1:])
+      return jnp.swapaxes(x, 0, 1)
+
+    def accumulate(carry, micro):
+      loss_sum, grad_sum = carry
+      micro_images, micro_targets, index = micro
+      loss, grads = grad_fn(state.params, micro_images, micro_targets,
+                            jax.random.fold_in(dropout_key, index))
+      return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    (loss_sum, grad_sum), _ = jax.lax.scan(
+        accumulate, (jnp.zeros((), jnp.float32), zeros),
+        (split(images), split(targets), jnp.arange(settings.accum_steps)))
+    loss = loss_sum / settings.accum_steps
+    grads = jax.tree_util.tree_map(lambda g: g / settings.accum_steps, grad_sum)
+
+  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  new_ema = state.ema_params
+  if settings.ema_decay:
+    new_ema = jax.tree_util.tree_map(
+        lambda ema, p: settings.ema_decay * ema + (1.0 - settings.ema_decay) * p,
+        state.ema_params, new_params)
+
+  finite = jnp.isfinite(loss) & _all_finite(grads)
+  keep_if_finite = lambda new, old: jax.tree_util.tree_map(
+      lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = TrainState(
+      step=state.step + 1,
+      params=keep_if_finite(new_params, state.params),
+      opt_state=keep_if_finite(new_opt_state, state.opt_state),
+      ema_params=keep_if_finite(new_ema, state.ema_params),
+      skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32),
+      first_nonfinite_step=jnp.where(
+          (state.first_nonfinite_step < 0) & ~finite, state.step, state.first_nonfinite_step))
+  metrics = {
+      'train_loss': loss,
+      'learning_rate': schedule(state.step),
+      'grad_norm': optax.global_norm(grads),
+      'skipped_updates': new_state.skipped_updates,
+      'first_nonfinite_step': new_state.first_nonfinite_step,
+  }
+  return new_state, metrics
+
+
+def eval_step(params, batch, *, model, image_size):
+  """Sums over one padded eval batch: loss, top-1 and top-5 hits, and the real-example count."""
+  images = device_data.preprocess(batch['images'], image_size)
+  logits = model.apply({'params': params}, images, train=False).astype(jnp.float32)
+  labels, mask = batch['labels'], batch['mask']
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  loss = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+  top1 = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  k = min(5, logits.shape[-1])
+  top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1).astype(jnp.float32)
+  return {
+      'loss_sum': jnp.sum(loss * mask),
+      'top1_sum': jnp.sum(top1 * mask),
+      'top5_sum': jnp.sum(top5 * mask),
+      'count': jnp.sum(mask),
+  }

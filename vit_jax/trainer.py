@@ -1,0 +1,394 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Read top to bottom: check the config and the workdir, build data → model → optimizer → state
+(restored from the workdir's checkpoints, or initialised, or loaded from a pretrained file),
+compile the two steps once, then loop: get batch, step, maybe log, maybe eval, maybe save.
+Nothing in the loop waits on the device except logging, eval and saving, and those fetch
+values that are already done while the next step runs.
+"""
+
+import functools
+import json
+import os
+import queue
+import signal
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax import checkpoint as checkpoint_lib
+from vit_jax import data as data_lib
+from vit_jax import flops as flops_lib
+from vit_jax import metrics as metrics_lib
+from vit_jax import models
+from vit_jax import optim
+from vit_jax import sharding
+from vit_jax import step as step_lib
+from vit_jax.errors import UserError
+
+# Keys that may change between a run and its resumption: they change when and how much is
+# logged or kept, never what is computed.
+RESUMABLE_CHANGES = (
+    'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints', 'plot_every_eval',
+    'data.prefetch_batches', 'data.data_dir', 'data.download', 'pretrained.url',
+)
+
+
+class NonFiniteLoss(UserError):
+  """The loss or a gradient became NaN or Inf and the config says to stop."""
+
+
+def validate_config(config, device_count):
+  """Checks what can be checked before anything is built; raises UserError on the first fault."""
+  if config.total_steps <= 0:
+    raise UserError(f'total_steps={config.total_steps} must be a positive number of steps')
+  if config.batch_size <= 0:
+    raise UserError(f'batch_size={config.batch_size} must be positive')
+  if config.batch_size % device_count:
+    raise UserError(f'batch_size={config.batch_size} is not divisible by the '
+                    f'{device_count} devices')
+  if config.accum_steps <= 0 or config.batch_size % (config.accum_steps * device_count):
+    raise UserError(f'batch_size={config.batch_size} must divide into accum_steps='
+                    f'{config.accum_steps} micro-batches, each divisible by the '
+                    f'{device_count} devices')
+  eval_batch_size = config.eval_batch_size or config.batch_size
+  if eval_batch_size <= 0 or eval_batch_size % device_count:
+    raise UserError(f'eval_batch_size={eval_batch_size} is not divisible by the '
+                    f'{device_count} devices')
+  for key in ('log_every', 'eval_every', 'checkpoint_every'):
+    if config[key] < 0:
+      raise UserError(f'{key}={config[key]} must be >= 0 (0: only at the end)')
+  if config.log_every == 0:
+    raise UserError('log_every=0: must be a positive number of steps')
+  if config.keep_checkpoints <= 0:
+    raise UserError(f'keep_checkpoints={config.keep_checkpoints} must be >= 1')
+  if config.optimizer.nan_policy not in ('stop', 'skip'):
+    raise UserError(f'optimizer.nan_policy={config.optimizer.nan_policy!r}; valid: stop, skip')
+  if config.image_size <= 0:
+    raise UserError(f'image_size={config.image_size} must be positive')
+
+
+def _flatten(config_dict, prefix=''):
+  flat = {}
+  for key, value in config_dict.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def config_differences(old, new):
+  """`{key: (old, new)}` for the computation-changing keys that differ between two configs."""
+  old_flat, new_flat = _flatten(old), _flatten(new)
+  return {key: (old_flat.get(key), new_flat.get(key))
+          for key in sorted(set(old_flat) | set(new_flat))
+          if key not in RESUMABLE_CHANGES and old_flat.get(key) != new_flat.get(key)}
+
+
+def check_workdir(workdir, config_json, allow_config_change):
+  """Refuses a workdir that cannot be written, or that holds a run of a different config."""
+  parent = workdir
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent) or '.'
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    raise UserError(f'workdir {workdir} cannot be written ({parent} is not a writable folder)')
+  saved_path = os.path.join(workdir, 'config.json')
+  if os.path.exists(saved_path) and not allow_config_change:
+    with open(saved_path) as f:
+      saved = json.load(f)
+    differences = config_differences(saved, json.loads(config_json))
+    if differences:
+      listed = ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in list(differences.items())[:5])
+      raise UserError(f'workdir {workdir} holds a run of a different config ({listed}); use a '
+                      f'new --workdir, or pass --allow_config_change to resume it anyway')
+
+
+def _load_pretrained(config, init_params, model_kwargs, log):
+  """The pretrained params for fine-tuning, head re-initialised and posemb resized."""
+  from vit_jax import convert  # Only fine-tuning needs the converters.
+  path = config.pretrained.path
+  if not os.path.exists(path):
+    if config.pretrained.url:
+      _download(config.pretrained.url, path, log)
+    else:
+      raise UserError(f'pretrained checkpoint {path} does not exist')
+  log(f'loading pretrained weights from {path}')
+  return convert.load_for_finetune(path, init_params, model_kwargs,
+                                   format=config.pretrained.format)
+
+
+def _download(url, path, log, timeout_s=10):
+  """Fetches `url` to `path`; offline, fails at once saying where to put the file."""
+  import urllib.request
+  log(f'{path} is absent: downloading {url}')
+  partial = path + '.partial'
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with urllib.request.urlopen(url, timeout=timeout_s) as response, open(partial, 'wb') as f:
+      while chunk := response.read(1 << 20):
+        f.write(chunk)
+  except (OSError, ValueError) as e:
+    if os.path.exists(partial):
+      os.remove(partial)
+    raise UserError(f'pretrained checkpoint {path} is absent and {url} could not be fetched '
+                    f'({type(e).__name__}); download it elsewhere and put it at {path}, or set '
+                    f'--config.pretrained.path') from None
+  os.replace(partial, path)
+
+
+def _device_prefetch(host_batches, mesh, depth):
+  """Moves host batches onto the mesh in a background thread, `depth` batches ahead."""
+  if depth <= 0:
+    yield from (sharding.global_batch(b, mesh) for b in host_batches)
+    return
+  ready = queue.Queue(maxsize=depth)
+  stop = threading.Event()
+
+  def producer():
+    try:
+      for host_batch in host_batches:
+        if stop.is_set():
+          return
+        ready.put(sharding.global_batch(host_batch, mesh))
+    except Exception as e:  # pylint: disable=broad-except  # Re-raised in the loop's thread.
+      ready.put(e)
+
+  thread = threading.Thread(target=producer, daemon=True)
+  thread.start()
+  try:
+    while True:
+      item = ready.get()
+      if isinstance(item, Exception):
+        raise item
+      yield item
+  finally:
+    stop.set()
+
+
+class _StopRequest:
+  """SIGTERM or Ctrl-C: ask the loop to save and exit; a second Ctrl-C exits at once."""
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {}
+
+  def install(self):
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signal_name is not None and signum == signal.SIGINT:
+      os._exit(130)  # A second Ctrl-C: the user wants out now.
+    self.signal_name = signal.Signals(signum).name
+
+  def uninstall(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _evaluate(eval_fn, params, datasets, mesh, num_classes):
+  """Test-split metrics: loss, top-1 and (with more than 5 classes) top-5 accuracy."""
+  sums = None
+  for host_batch in datasets.eval_batches():
+    batch_sums = eval_fn(params, sharding.global_batch(host_batch, mesh))
+    sums = batch_sums if sums is None else jax.tree_util.tree_map(jnp.add, sums, batch_sums)
+  sums = jax.device_get(sums)
+  count = max(float(sums['count']), 1.0)
+  results = {'test_loss': sums['loss_sum'] / count, 'test_accuracy': sums['top1_sum'] / count}
+  if num_classes > 5:
+    results['test_top5_accuracy'] = sums['top5_sum'] / count
+  return {name: float(value) for name, value in results.items()}
+
+
+def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_change=False,
+                       log=print):
+  """Trains `config` in `workdir`, resuming from its checkpoints; returns the final metrics.
+
+  `stop_at_step`: save and return after that step (as a SIGTERM would), for staged runs.
+  """
+  is_main = jax.process_index() == 0
+  log = log if is_main else (lambda *a, **k: None)
+  validate_config(config, jax.device_count())
+  config_json = config.to_json_best_effort(indent=2, sort_keys=True)
+  check_workdir(workdir, config_json, allow_config_change)
+
+  # Data → model → optimizer, each of which checks its part of the config.
+  mesh = sharding.create_mesh(config.mesh)
+  datasets = data_lib.create_datasets(config, process_index=jax.process_index(),
+                                      process_count=jax.process_count())
+  num_classes = datasets.num_classes
+  model_kwargs = models.model_kwargs(config.model_name, num_classes, **config.model.to_dict())
+  model = models.create_model(config.model_name, num_classes, **config.model.to_dict())
+  tx, schedule = optim.create_optimizer(config)
+
+  def init_state(key):
+    images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    params = model.init(key, images, train=False)['params']
+    return step_lib.create_train_state(params, tx, config.optimizer.ema_decay)
+
+  init_key = jax.random.key(config.seed)
+  abstract_state = jax.eval_shape(init_state, init_key)
+  state_shardings = sharding.state_shardings(mesh, abstract_state)
+  abstract_state = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract_state, state_shardings)
+
+  # The state: resumed from the workdir, else fresh (from a pretrained file when configured).
+  checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  state, restored_step = checkpointer.restore_latest(abstract_state, log=log)
+  if state is not None:
+    log(f'resuming from the checkpoint at step {restored_step} in {checkpointer.directory}')
+  else:
+    state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
+    if config.pretrained.path:
+      params = _load_pretrained(config, jax.device_get(state.params), model_kwargs, log)
+      state = jax.jit(lambda p: step_lib.create_train_state(p, tx, config.optimizer.ema_decay),
+                      out_shardings=state_shardings)(params)
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config_json)
+    with open(os.path.join(workdir, 'class_names.json'), 'w') as f:
+      json.dump(list(datasets.class_names), f)
+
+  # Compile both steps once, ahead of time: the loop can never trigger a recompile.
+  settings = step_lib.StepSettings(
+      image_size=config.image_size, num_classes=num_classes, seed=config.seed,
+      accum_steps=config.accum_steps, mixup_alpha=config.aug.mixup_alpha,
+      cutmix_alpha=config.aug.cutmix_alpha, label_smoothing=config.aug.label_smoothing,
+      ema_decay=config.optimizer.ema_decay)
+  batch_sharding = sharding.batch_sharding(mesh)
+  train_fn = jax.jit(
+      functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule,
+                        settings=settings),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+  eval_fn = jax.jit(
+      functools.partial(step_lib.eval_step, model=model, image_size=config.image_size),
+      in_shardings=(state_shardings.params, batch_sharding),
+      out_shardings=sharding.replicated(mesh))
+
+  start_step = int(jax.device_get(state.step))
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  progress = metrics_lib.Progress(config.total_steps, enabled=is_main)
+  stop_request = _StopRequest().install()
+  batches = _device_prefetch(datasets.train_batches(start_step), mesh,
+                             config.data.prefetch_batches)
+  eval_params = lambda s: s.ema_params if s.ema_params is not None else s.params
+  final_metrics = {}
+  try:
+    first_batch = next(batches)
+    compile_start = time.perf_counter()
+    compiled_train = train_fn.lower(state, first_batch).compile()
+    compiled_eval = None  # Compiled at the first eval, when its batch shape is known.
+    flops_per_step = flops_lib.compiled_flops(compiled_train)
+    log(f'workdir {workdir}: training {config.model_name} for steps {start_step}..'
+        f'{config.total_steps} on {jax.device_count()} {jax.devices()[0].platform} device(s) '
+        f'(mesh {dict(mesh.shape)})')
+
+    pending = None  # (step, metrics on device): fetched once the next step is dispatched.
+    last_log_time, last_log_step = None, start_step
+    batch = first_batch
+    for step in range(start_step + 1, config.total_steps + 1):
+      if batch is None:
+        batch = next(batches)
+      state, step_metrics = compiled_train(state, batch)
+      batch = None
+      if step == start_step + 1:
+        jax.block_until_ready(step_metrics)
+        progress.compiled(time.perf_counter() - compile_start)
+        last_log_time, last_log_step = time.perf_counter(), step
+
+      if pending is not None:  # The device is busy with `step`: fetch the last log's values.
+        pending_step, pending_metrics = pending
+        fetched = jax.device_get(pending_metrics)
+        now = time.perf_counter()
+        seconds_per_step = (now - last_log_time) / max(pending_step - last_log_step, 1)
+        last_log_time, last_log_step = now, pending_step
+        scalars = {name: float(value) for name, value in fetched.items()
+                   if name != 'first_nonfinite_step'}
+        scalars['img_per_sec'] = config.batch_size / seconds_per_step
+        train_mfu = flops_lib.mfu(flops_per_step, seconds_per_step)
+        if train_mfu is not None:
+          scalars['train_mfu'] = train_mfu
+        _check_finite(fetched, config, checkpointer)
+        writer.write(pending_step, scalars)
+        progress.update(pending_step, scalars['train_loss'], scalars['img_per_sec'],
+                        1.0 / seconds_per_step)
+        pending = None
+
+      is_last = step == config.total_steps
+      stopping = stop_request.signal_name is not None or step == stop_at_step
+      if step % config.log_every == 0 or is_last:
+        pending = (step, step_metrics)
+
+      if (config.eval_every and step % config.eval_every == 0) or is_last:
+        _check_finite({'first_nonfinite_step': state.first_nonfinite_step}, config,
+                      checkpointer)
+        eval_batch = None
+        if compiled_eval is None:
+          eval_batch = next(iter(datasets.eval_batches()))
+          compiled_eval = eval_fn.lower(
+              eval_params(state), sharding.global_batch(eval_batch, mesh)).compile()
+        eval_metrics = _evaluate(compiled_eval, eval_params(state), datasets, mesh, num_classes)
+        writer.write(step, eval_metrics)
+        final_metrics = dict(eval_metrics, step=step)
+        log(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
+        if is_main and config.plot_every_eval:
+          _refresh_plot(workdir)
+
+      if (config.checkpoint_every and step % config.checkpoint_every == 0) or is_last \
+          or stopping:
+        _check_finite({'first_nonfinite_step': state.first_nonfinite_step}, config,
+                      checkpointer)
+        checkpointer.save(state, force=True)
+
+      if stopping and not is_last:
+        reason = stop_request.signal_name or f'--stop_at_step={stop_at_step}'
+        checkpointer.wait()
+        log(f'{reason}: saved a checkpoint at step {step} in {checkpointer.directory}; rerun '
+            f'the same command to resume')
+        return {'step': step, 'stopped': True}
+
+    if pending is not None:
+      fetched = jax.device_get(pending[1])
+      _check_finite(fetched, config, checkpointer)
+      writer.write(pending[0], {k: float(v) for k, v in fetched.items()
+                                if k != 'first_nonfinite_step'})
+    checkpointer.wait()
+    if is_main:
+      with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
+        json.dump(final_metrics, f, indent=2)
+    return final_metrics
+  finally:
+    stop_request.uninstall()
+    writer.close()
+    checkpointer.close()
+
+
+def _check_finite(fetched, config, checkpointer):
+  """Stops the run at the first non-finite loss when `optimizer.nan_policy` is `stop`."""
+  bad_step = int(np.asarray(fetched['first_nonfinite_step']))
+  if bad_step >= 0 and config.optimizer.nan_policy == 'stop':
+    checkpointer.wait()
+    steps = checkpointer.steps()
+    last_good = f'the last good checkpoint is step {steps[-1]}' if steps else 'no checkpoint'
+    raise NonFiniteLoss(
+        f'the loss or a gradient became NaN/Inf at step {bad_step + 1}; {last_good}; lower '
+        f'schedule.base_lr, or set optimizer.nan_policy=skip to skip such updates')
+
+
+def _refresh_plot(workdir):
+  """Redraws `workdir/curves.png` from metrics.jsonl; a plotting failure never stops training."""
+  try:
+    from vit_jax import plot
+    plot.plot_workdirs([workdir], os.path.join(workdir, 'curves.png'))
+  except Exception as e:  # pylint: disable=broad-except
+    print(f'warning: could not refresh curves.png ({type(e).__name__}: {e})')
