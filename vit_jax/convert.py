@@ -260,17 +260,20 @@ def _describe(model_kwargs):
 # Fitting weights to a model.
 
 
-def _summarise(keys):
-  """Sorted keys, with per-block repeats folded: `Transformer/encoderblock_{0..11}/x`."""
+def _summarise(keys, detail=lambda key: ''):
+  """Sorted keys, with per-block repeats folded: `Transformer/encoderblock_{0..11}/x`.
+
+  Keys fold together only when `detail(key)` (e.g. their shapes) is the same.
+  """
   groups = {}
   for key in keys:
     match = re.search(r'(encoderblock_|MixerBlock_|unit)(\d+)/', key)
     pattern = key[:match.start(2)] + '{}' + key[match.end(2):] if match else key
-    groups.setdefault(pattern, []).append(int(match.group(2)) if match else None)
+    groups.setdefault((pattern, detail(key)), []).append(int(match.group(2)) if match else None)
   parts = []
-  for pattern, ids in sorted(groups.items()):
+  for (pattern, text_after), ids in sorted(groups.items()):
     if ids == [None]:
-      parts.append(pattern)
+      parts.append(pattern + text_after)
       continue
     ids = sorted(ids)
     if len(ids) == 1:
@@ -279,8 +282,16 @@ def _summarise(keys):
       text = f'{{{ids[0]}..{ids[-1]}}}'
     else:
       text = '{' + ','.join(map(str, ids)) + '}'
-    parts.append(pattern.replace('{}', text, 1))
+    parts.append(pattern.replace('{}', text, 1) + text_after)
   return ', '.join(parts)
+
+
+def _describe_weights(flat):
+  """'ViT (width 64, 4 layers, patch 4x4)' for weights that look like a model; else ''."""
+  try:
+    return _describe(infer_model_kwargs(flat))
+  except (UserError, KeyError, IndexError):
+    return ''
 
 
 def fit_to_model(source, init_params, model_kwargs, source_name='checkpoint', model_name=None,
@@ -343,12 +354,15 @@ def fit_to_model(source, init_params, model_kwargs, source_name='checkpoint', mo
     if unexpected:
       parts.append('unexpected ' + _summarise(unexpected))
     if misshaped:
-      parts.append('wrong shape ' + ', '.join(
-          f'{k} {tuple(source[k].shape)} (model: {tuple(target[k].shape)})' for k in misshaped))
+      parts.append('wrong shape ' + _summarise(misshaped, lambda k: (
+          f' {tuple(source[k].shape)} (model: {tuple(target[k].shape)})')))
     family = model_family(source)
     target_family = model_family(target)
-    hint = (f' (the checkpoint is a {family}, the model a {target_family})'
-            if family != target_family else '')
+    if family != target_family:
+      hint = f' (the checkpoint is a {family}, the model a {target_family})'
+    else:
+      hint = f' (the checkpoint is a {_describe_weights(source)})' if _describe_weights(
+          source) else ''
     raise UserError(f'{source_name} does not match {model_name}{hint}: ' + '; '.join(parts))
 
   for note in notes:
