@@ -146,3 +146,15 @@ def test_top_k_orders_and_truncates():
   np.testing.assert_array_equal(indices, [[1, 3, 2], [2, 0, 1]])
   np.testing.assert_allclose(values, [[0.4, 0.3, 0.2], [0.5, 0.25, 0.25]])
   assert predict.top_k(probabilities, k=10)[0].shape == (2, 4)
+
+
+def test_prepare_images_resizes_any_size_and_scales_to_minus_one_one():
+  flat_grey = np.full((30, 40, 3), 200, np.uint8)
+  ramp = np.repeat(np.linspace(0, 255, 24).astype(np.uint8)[None, :, None], 24, 0)
+  ramp = np.repeat(ramp, 3, axis=-1)                            # (24, 24, 3), dark to bright
+  for host_image_size in (16, None):                            # workdir path, weights-only path
+    prepared = predict.prepare_images([flat_grey, ramp], 24, host_image_size)
+    assert prepared.shape == (2, 24, 24, 3) and prepared.dtype == np.float32
+    np.testing.assert_allclose(prepared[0], 200 / 127.5 - 1, atol=1e-2)
+    assert prepared[1].min() >= -1 and prepared[1].max() <= 1
+    assert prepared[1, :, 0].mean() < -0.8 and prepared[1, :, -1].mean() > 0.8

@@ -48,10 +48,13 @@ def prepare_images(images, image_size, host_image_size=None, crop_fraction=1.0):
 
   The eval path of training: the host resizes to `host_image_size / crop_fraction` and crops
   the centre (`vit_jax.data.augment.eval_preprocess`), then the device resizes to `image_size`
-  and normalises (`vit_jax.data.device.preprocess`).
+  and normalises (`vit_jax.data.device.preprocess`). With `host_image_size` None (weights with
+  no training config) the host step is skipped and each image is resized on the device alone.
   """
   from vit_jax.data import device
-  host_image_size = host_image_size or image_size
+  if host_image_size is None:
+    return np.concatenate([np.asarray(device.preprocess(image[None], image_size), np.float32)
+                           for image in images])
   host_images = []
   for image in images:
     if image.shape[:2] == (host_image_size, host_image_size) and crop_fraction >= 1.0:
@@ -139,7 +142,7 @@ def load_checkpoint(path, model_name=None, num_classes=None, image_size=None,
   if len(class_names) != head_classes:
     raise UserError(f'{class_names_path} names {len(class_names)} classes; the head has '
                     f'{head_classes}')
-  view = dict(image_size=image_size, host_image_size=image_size, crop_fraction=1.0,
+  view = dict(image_size=image_size, host_image_size=None, crop_fraction=1.0,
               classifier=kwargs.get('classifier', 'token'),
               num_registers=kwargs.get('num_registers', 0))
   return model, params, class_names, view
