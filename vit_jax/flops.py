@@ -1,11 +1,18 @@
-"""FLOPs of a compiled step and the peak FLOP/s of the device it runs on, for MFU.
+"""FLOPs of a train or eval step and the peak FLOP/s of the device it runs on, for MFU.
 
-MFU = (FLOPs of the step, from XLA's cost analysis) / (step time × devices × peak bf16 FLOP/s).
-The peaks are dense bf16 matrix-unit figures from the vendors' datasheets, per device (a TPU
-v4 chip, one GPU); a device not in the table has no MFU (None), never a guess.
+MFU = (model FLOPs of the step) / (step time × devices × peak bf16 FLOP/s). The model FLOPs
+come from XLA's cost analysis of the step lowered with the model's math spelt out
+(`model_flops_per_step`): XLA counts a while loop's body once, so a scanned model (`scan=True`)
+or gradient accumulation would be under-counted by the trip count, and it counts rematerialised
+forward passes as work, which MFU by definition does not. The peaks are dense bf16
+matrix-unit figures from the vendors' datasheets, per device (a TPU v4 chip, one GPU); a device
+not in the table has no MFU (None), never a guess.
 """
 
+import functools
+
 import jax
+import jax.numpy as jnp
 
 # Dense bf16 peak FLOP/s per device, matched against `device.device_kind` (lower case).
 PEAK_BF16_FLOPS = (
@@ -33,7 +40,7 @@ def peak_flops_per_device(device=None):
 
 
 def compiled_flops(compiled):
-  """Total FLOPs of one call of a `jax.jit(...).lower(...).compile()` result, or None.
+  """Total FLOPs of one call of a `jax.jit(...).lower(...)` result, compiled or not, or None.
 
   XLA reports the FLOPs of the whole (global) computation for a single-device program and of
   one device's share for an SPMD-partitioned one; callers multiply by the device count in the
@@ -53,3 +60,89 @@ def mfu(flops_per_step_per_device, seconds_per_step, device=None):
   if peak is None or flops_per_step_per_device is None or seconds_per_step <= 0:
     return None
   return flops_per_step_per_device / seconds_per_step / peak
+
+
+def analytic_vit_flops(model_kwargs, image_size):
+  """Forward FLOPs of one image through a plain ViT, counted by hand (2 FLOPs per MAC).
+
+  Counts the matrix products only, as MFU conventionally does: the patch embedding, per layer
+  the QKV and output projections, the attention scores (QKᵀ) and weighted sum (AV), the MLP,
+  then the pooling head (for `map`), pre-logits and classifier. Norms, softmax, GELU and adds
+  are left out (under 1% for ViT-B/16). ViT-B/16 at 224 px: ≈ 35.1 GFLOPs. A training step
+  costs about 3× the forward (the backward computes two products per forward product).
+
+  Args:
+    model_kwargs: `vit_jax.models.model_kwargs(...)` of a ViT (hybrids and Mixers: None).
+    image_size: the square input resolution in pixels.
+
+  Returns:
+    float FLOPs per image, or None for a model this count does not cover.
+  """
+  if 'num_heads' not in model_kwargs or model_kwargs.get('resnet_layers') is not None:
+    return None
+  patch_h, patch_w = model_kwargs['patch_size']
+  width, mlp_dim = model_kwargs['hidden_size'], model_kwargs['mlp_dim']
+  patches = (image_size // patch_h) * (image_size // patch_w)
+  classifier = model_kwargs.get('classifier', 'token')
+  tokens = patches + (classifier == 'token') + model_kwargs.get('num_registers', 0)
+
+  macs = patches * (patch_h * patch_w * 3) * width  # Patch embedding (a strided conv).
+  per_layer = (4 * tokens * width * width           # Q, K, V and output projections
+               + 2 * tokens * tokens * width        # QKᵀ scores and the weighted sum of V
+               + 2 * tokens * width * mlp_dim)      # MLP in and out
+  macs += model_kwargs['num_layers'] * per_layer
+  if classifier == 'map':  # One probe query attending over the patch tokens, then an MLP.
+    macs += (2 * patches * width * width + 2 * width * width + 2 * patches * width
+             + 2 * width * mlp_dim)
+  features = width
+  outputs = patches if classifier == 'unpooled' else 1
+  if model_kwargs.get('representation_size'):
+    macs += outputs * features * model_kwargs['representation_size']
+    features = model_kwargs['representation_size']
+  if model_kwargs.get('num_classes'):
+    macs += outputs * features * model_kwargs['num_classes']
+  return 2.0 * macs
+
+
+# Model overrides that change how a step computes, never what: the reference for counting.
+REFERENCE_MODEL_OVERRIDES = dict(scan=False, remat_policy='none')
+
+
+def model_flops_per_step(config, num_classes, eval_batch_size=None):
+  """(train, eval) model FLOPs of one global step of `config`, from XLA's cost analysis.
+
+  The trainer's steps are lowered (not compiled: this takes seconds) on abstract arrays, for
+  the model without scan or remat and without gradient accumulation, so every layer and
+  micro-batch is counted once and no recomputation is counted. The figures are global (the
+  whole batch); divide by the device count for one device's share.
+  """
+  from vit_jax import models, optim  # pylint: disable=g-import-not-at-top
+  from vit_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  overrides = {**config.model.to_dict(), **REFERENCE_MODEL_OVERRIDES}
+  model = models.create_model(config.model_name, num_classes, **overrides)
+  tx, schedule = optim.create_optimizer(config)
+
+  def init_state(key):
+    images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    params = model.init(key, images, train=False)['params']
+    return step_lib.create_train_state(params, tx, config.optimizer.ema_decay)
+
+  state = jax.eval_shape(init_state, jax.random.key(0))
+  host_size = config.data.host_image_size or config.image_size
+
+  def batch(size, **extra):
+    return dict(images=jax.ShapeDtypeStruct((size, host_size, host_size, 3), jnp.uint8),
+                labels=jax.ShapeDtypeStruct((size,), jnp.int32), **extra)
+
+  eval_batch_size = eval_batch_size or config.eval_batch_size or config.batch_size
+  settings = step_lib.StepSettings(
+      image_size=config.image_size, num_classes=num_classes, seed=config.seed, accum_steps=1,
+      mixup_alpha=config.aug.mixup_alpha, cutmix_alpha=config.aug.cutmix_alpha,
+      label_smoothing=config.aug.label_smoothing, ema_decay=config.optimizer.ema_decay)
+  train = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule,
+                                    settings=settings)).lower(state, batch(config.batch_size))
+  evaluate = jax.jit(functools.partial(step_lib.eval_step, model=model,
+                                       image_size=config.image_size)).lower(
+      state.params, batch(eval_batch_size,
+                          mask=jax.ShapeDtypeStruct((eval_batch_size,), jnp.float32)))
+  return compiled_flops(train), compiled_flops(evaluate)

@@ -1,0 +1,123 @@
+"""The benchmark CLI, the FLOP counts MFU is built on, and the peak FLOP/s table."""
+
+import json
+import types
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import run_python
+
+from configs import quickstart
+from vit_jax import flops, models
+
+REQUIRED_KEYS = ('device', 'compile_s', 'train_step_ms', 'train_img_per_sec', 'eval_img_per_sec',
+                 'data_img_per_sec', 'train_mfu', 'eval_mfu', 'peak_memory_bytes')
+TINY = ['--config.model.hidden_size=32', '--config.model.num_layers=1',
+        '--config.model.num_heads=2', '--config.model.mlp_dim=64', '--config.batch_size=16',
+        '--config.eval_batch_size=8']
+
+
+def test_benchmark_cli_prints_every_figure_as_json_last():
+  result = run_python(['-m', 'vit_jax.benchmark', '--config', 'configs/quickstart.py', *TINY,
+                       '--steps', '2', '--repeats', '2', '--warmup', '1', '--data_batches', '2'])
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  figures = json.loads(lines[-1])
+  missing = [key for key in REQUIRED_KEYS if key not in figures]
+  assert not missing
+  assert figures['device'] == 'cpu' and figures['platform'] == 'cpu'
+  assert figures['batch_size'] == 16 and figures['eval_batch_size'] == 8
+  assert figures['num_classes'] == 10  # From the digits data set, which was built and timed.
+  for key in ('compile_s', 'train_step_ms', 'train_img_per_sec', 'eval_img_per_sec',
+              'data_img_per_sec', 'train_flops_per_step', 'peak_memory_bytes'):
+    assert figures[key] > 0, key
+  assert figures['train_img_per_sec'] == pytest.approx(16 / figures['train_step_ms'] * 1e3)
+  # CPU has no peak in the table: no MFU rather than a made-up one.
+  assert figures['train_mfu'] is None and figures['eval_mfu'] is None
+  assert figures['peak_memory_source'] == 'XLA memory plan of the train step'
+  assert any(line.startswith('train step') for line in lines[:-1])  # The table comes first.
+
+
+def test_benchmark_skip_data_and_bad_flags():
+  result = run_python(['-m', 'vit_jax.benchmark', '--config', 'configs/quickstart.py', *TINY,
+                       '--steps', '1', '--repeats', '1', '--warmup', '0', '--skip_data',
+                       '--num_classes', '7'])
+  assert result.returncode == 0, result.stderr[-2000:]
+  figures = json.loads(result.stdout.strip().splitlines()[-1])
+  assert figures['data_img_per_sec'] is None and figures['num_classes'] == 7
+  assert 'skipped' in figures['data_error']
+
+  for bad, named in ((['--steps', '0'], '--steps=0'),
+                     (['--config.model.hiden_size=3'], 'hiden_size')):
+    result = run_python(['-m', 'vit_jax.benchmark', '--config', 'configs/quickstart.py', *bad])
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith('error:') and named in result.stderr
+    assert 'Traceback' not in result.stderr
+
+
+def test_analytic_vit_b16_forward_is_35_gflops():
+  b16 = models.model_kwargs('ViT-B/16', 1000)
+  # The ViT paper's figure: 17.6 GMACs per 224 px image.
+  assert flops.analytic_vit_flops(b16, 224) == pytest.approx(35.1e9, rel=0.01)
+  # Tokens grow as (size / 16)²; attention's share grows faster still.
+  assert flops.analytic_vit_flops(b16, 384) > (384 / 224) ** 2 * 35.1e9
+  hybrid = models.model_kwargs('R50+ViT-B/16', 1000)
+  assert flops.analytic_vit_flops(hybrid, 224) is None
+
+
+@pytest.mark.parametrize('name, overrides', [
+    ('ViT-B/16', {}),
+    ('ViT-Ti/16', {'classifier': 'map', 'num_registers': 4}),
+])
+def test_xla_forward_flops_match_analytic(name, overrides):
+  model = models.create_model(name, 1000, **overrides)
+  images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+  params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x)['params'], images)
+  lowered = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False)).lower(params, images)
+  analytic = flops.analytic_vit_flops(models.model_kwargs(name, 1000, **overrides), 224)
+  assert flops.compiled_flops(lowered) == pytest.approx(analytic, rel=0.10)
+
+
+def _small_config(**model_overrides):
+  config = quickstart.get_config()
+  config.model_name = 'ViT-S/16'
+  for key in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim'):
+    config.model[key] = None
+  config.model.classifier = 'token'
+  config.model.update(model_overrides)
+  config.image_size, config.data.host_image_size = 64, 32
+  config.batch_size = 4
+  return config
+
+
+def test_step_flops_used_for_mfu_match_analytic_whatever_the_fast_path():
+  batch = 4
+  analytic = flops.analytic_vit_flops(
+      models.model_kwargs('ViT-S/16', 10, classifier='token'), 64)
+  plain_train, plain_eval = flops.model_flops_per_step(_small_config(), 10)
+  # Train: forward plus a backward of two products per forward product; the eval step also
+  # resizes on the device, a little extra.
+  assert plain_train == pytest.approx(3 * batch * analytic, rel=0.10)
+  assert plain_eval == pytest.approx(batch * analytic, rel=0.10)
+  # Scan, remat and accumulation change how the step computes, not its model FLOPs.
+  config = _small_config(scan=True, remat_policy='full')
+  config.accum_steps = 2
+  assert flops.model_flops_per_step(config, 10) == (plain_train, plain_eval)
+
+
+def test_peak_flops_table():
+  def peak(kind):
+    return flops.peak_flops_per_device(types.SimpleNamespace(device_kind=kind))
+  assert peak('NVIDIA H100 80GB HBM3') == 989e12
+  assert peak('NVIDIA H100 PCIe') == 756e12
+  assert peak('NVIDIA H200') == 989e12
+  assert peak('NVIDIA A100-SXM4-80GB') == 312e12
+  assert peak('TPU v4') == 275e12
+  assert peak('TPU v5 lite') == 197e12
+  assert peak('TPU v5p') == 459e12
+  assert peak('TPU v6e') == 918e12
+  assert peak('cpu') is None
+  assert flops.mfu(1e12, 1.0, types.SimpleNamespace(device_kind='NVIDIA H100 80GB HBM3')) \
+      == pytest.approx(1e12 / 989e12)
+  assert flops.mfu(1e12, 1.0, types.SimpleNamespace(device_kind='cpu')) is None
