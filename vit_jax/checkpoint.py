@@ -32,6 +32,12 @@ def _train_state_item(state):
   return item
 
 
+def has_checkpoints(workdir):
+  """Whether `workdir` holds at least one finished checkpoint (read without writing)."""
+  directory = os.path.join(workdir, CHECKPOINT_SUBDIR)
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 class Checkpointer:
   """Async saves every so often, keep-N, and restore of the newest checkpoint that reads."""
 

@@ -81,3 +81,15 @@ def global_batch(local_batch, mesh):
   sharding = batch_sharding(mesh)
   return jax.tree_util.tree_map(
       lambda local: jax.make_array_from_process_local_data(sharding, local), local_batch)
+
+
+def describe(params):
+  """One line on how the params really lie on the devices (read from the arrays themselves)."""
+  leaves = jax.tree_util.tree_leaves(params)
+  sharded = [leaf for leaf in leaves
+             if leaf.addressable_shards[0].data.shape != leaf.shape]
+  total_bytes = sum(leaf.nbytes for leaf in leaves)
+  device_bytes = sum(leaf.addressable_shards[0].data.nbytes for leaf in leaves)
+  return (f'params: {sum(leaf.size for leaf in leaves):,} in {len(leaves)} arrays, '
+          f'{len(sharded)} sharded over fsdp; {device_bytes / 2**20:.1f} MiB per device of '
+          f'{total_bytes / 2**20:.1f} MiB')

@@ -241,16 +241,22 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
       abstract_state, state_shardings)
 
   # The state: resumed from the workdir, else fresh (from a pretrained file when configured).
+  # A pretrained file is read before anything is written, so a bad one leaves the workdir as
+  # it was.
+  pretrained_params = None
+  if config.pretrained.path and not checkpoint_lib.has_checkpoints(workdir):
+    init_params = jax.jit(init_state, out_shardings=state_shardings)(init_key).params
+    pretrained_params = _load_pretrained(config, jax.device_get(init_params), model_kwargs, log)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
   state, restored_step = checkpointer.restore_latest(abstract_state, log=log)
   if state is not None:
     log(f'resuming from the checkpoint at step {restored_step} in {checkpointer.directory}')
+  elif pretrained_params is not None:
+    state = jax.jit(lambda p: step_lib.create_train_state(p, tx, config.optimizer.ema_decay),
+                    out_shardings=state_shardings)(pretrained_params)
   else:
     state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
-    if config.pretrained.path:
-      params = _load_pretrained(config, jax.device_get(state.params), model_kwargs, log)
-      state = jax.jit(lambda p: step_lib.create_train_state(p, tx, config.optimizer.ema_decay),
-                      out_shardings=state_shardings)(params)
+  log(sharding.describe(state.params))
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config_json)
