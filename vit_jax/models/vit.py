@@ -116,9 +116,11 @@ class DropPath(nn.Module):
     if deterministic or (isinstance(rate, (int, float)) and rate == 0):
       return x
     keep_prob = 1.0 - rate
-    keep = jax.random.bernoulli(self.make_rng('dropout'), keep_prob, (x.shape[0],) + (1,) *
-                                (x.ndim - 1))
-    return x * (keep / keep_prob).astype(x.dtype)
+    keep = jax.random.bernoulli(self.make_rng('dropout'), keep_prob,
+                                (x.shape[0],) + (1,) * (x.ndim - 1))
+    # Rescale the kept examples so the expectation is unchanged; rate 1 drops everything.
+    scale = jnp.where(keep, 1.0 / jnp.maximum(keep_prob, 1e-12), 0.0)
+    return x * scale.astype(x.dtype)
 
 
 class MlpBlock(nn.Module):
@@ -178,7 +180,7 @@ class MultiHeadDotProductAttention(nn.Module):
     if wants_weights or drops_weights:
       # Softmax in float32, as the fused kernels do.
       logits = jnp.einsum('bqhd,bkhd->bhqk', query, key, preferred_element_type=jnp.float32)
-      weights = jax.nn.softmax(logits / np.sqrt(head_dim).astype(np.float32), axis=-1)
+      weights = jax.nn.softmax(logits * head_dim**-0.5, axis=-1)
       weights = weights.astype(self.dtype)
       self.sow('intermediates', 'attention_weights', weights)
       weights = nn.Dropout(self.attention_dropout_rate, broadcast_dims=())(
