@@ -314,6 +314,9 @@ def test_remat_policies_give_the_same_output():
   for policy in ('full', 'dots', 'dots_no_batch'):
     rematted = models.create_model('ViT-B/16', 0, remat_policy=policy, **TINY)
     np.testing.assert_allclose(rematted.apply({'params': params}, images), expected, atol=1e-6)
+  scanned = models.create_model('ViT-B/16', 0, scan=True, remat_policy='dots', **TINY)
+  np.testing.assert_allclose(scanned.apply({'params': models.layers_to_scan(params)}, images),
+                             expected, atol=1e-5)
 
 
 # --- scanned <-> per-layer -------------------------------------------------------------------
