@@ -9,7 +9,9 @@ import pytest
 from conftest import run_python
 
 from configs import quickstart
-from vit_jax import flops, models
+from configs import vit as vit_config
+from vit_jax import benchmark, flops, models
+from vit_jax.errors import UserError
 
 REQUIRED_KEYS = ('device', 'compile_s', 'train_step_ms', 'train_img_per_sec', 'eval_img_per_sec',
                  'data_img_per_sec', 'train_mfu', 'eval_mfu', 'peak_memory_bytes')
@@ -39,21 +41,40 @@ def test_benchmark_cli_prints_every_figure_as_json_last():
   assert any(line.startswith('train step') for line in lines[:-1])  # The table comes first.
 
 
-def test_benchmark_skip_data_and_bad_flags():
-  result = run_python(['-m', 'vit_jax.benchmark', '--config', 'configs/quickstart.py', *TINY,
-                       '--steps', '1', '--repeats', '1', '--warmup', '0', '--skip_data',
-                       '--num_classes', '7'])
-  assert result.returncode == 0, result.stderr[-2000:]
-  figures = json.loads(result.stdout.strip().splitlines()[-1])
-  assert figures['data_img_per_sec'] is None and figures['num_classes'] == 7
-  assert 'skipped' in figures['data_error']
-
+def test_bad_flags_are_one_line_errors():
   for bad, named in ((['--steps', '0'], '--steps=0'),
                      (['--config.model.hiden_size=3'], 'hiden_size')):
     result = run_python(['-m', 'vit_jax.benchmark', '--config', 'configs/quickstart.py', *bad])
     assert result.returncode == 2
     assert result.stderr.strip().startswith('error:') and named in result.stderr
     assert 'Traceback' not in result.stderr
+
+
+def test_skip_data_leaves_the_pipeline_alone(monkeypatch):
+  monkeypatch.setattr(benchmark, 'benchmark_steps', lambda config, num_classes, *a: {})
+  monkeypatch.setattr(benchmark, 'measure_data', lambda *a: pytest.fail('data was built'))
+  figures = benchmark.run(quickstart.get_config(), num_classes=7, skip_data=True)
+  assert figures['data_img_per_sec'] is None and figures['num_classes'] == 7
+  assert 'skipped' in figures['data_error']
+
+
+def test_data_only_times_no_step(monkeypatch):
+  monkeypatch.setattr(benchmark, 'benchmark_steps', lambda *a: pytest.fail('steps were timed'))
+  monkeypatch.setattr(benchmark, 'measure_data', lambda config, batches: (123.0, 10, None))
+  figures = benchmark.run(quickstart.get_config(), data_only=True)
+  assert figures['data_img_per_sec'] == 123.0 and figures['num_classes'] == 10
+  assert all(figures[key] is None for key in benchmark.STEP_KEYS)
+  assert figures['analytic_forward_flops_per_image'] > 0
+  with pytest.raises(UserError, match='nothing to time'):
+    benchmark.run(quickstart.get_config(), data_only=True, skip_data=True)
+
+
+def test_unprepared_data_is_reported_not_raised(tmp_path):
+  config = vit_config.get_config('B/16,cifar10')
+  config.data.data_dir, config.data.download = str(tmp_path), False
+  img_per_sec, num_classes, error = benchmark.measure_data(config, num_batches=1)
+  assert img_per_sec is None and num_classes is None
+  assert 'not prepared' in error
 
 
 def test_analytic_vit_b16_forward_is_35_gflops():

@@ -24,28 +24,33 @@ from ml_collections import config_flags
 
 from vit_jax.errors import UserError
 
-_FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file[:arg].',
-                                          lock_config=True)
-_STEPS = flags.DEFINE_integer('steps', 10, 'Steps per timed repeat.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed repeats; the median is reported.')
-_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.')
-_NUM_CLASSES = flags.DEFINE_integer(
-    'num_classes', None, 'Head width; default: the data set\'s, or 1000 when it is not built.')
-_SKIP_DATA = flags.DEFINE_bool('skip_data', False, 'Do not time the input pipeline.')
-_DATA_BATCHES = flags.DEFINE_integer('data_batches', 20, 'Host batches timed.')
-
 DEFAULT_NUM_CLASSES = 1000  # An ImageNet head, when no data set says otherwise.
 
 
 def parse_flags(argv):
-  """Parses flags and the config; a bad flag or override raises UserError with one line."""
+  """(config, options) from the command line; a bad flag or override raises UserError.
+
+  The flags are defined here, not at import, so importing this module beside `train.py`
+  (which defines its own --config) does not clash in absl's global flag registry.
+  """
   if not any(arg == '--config' or arg.startswith('--config=') for arg in argv):
     raise UserError('--config is required, e.g. python -m vit_jax.benchmark '
                     '--config configs/quickstart.py')
+  config_flag = config_flags.DEFINE_config_file('config', None, 'Path to a config file[:arg].',
+                                                lock_config=True)
+  options = dict(
+      steps=flags.DEFINE_integer('steps', 10, 'Steps per timed repeat.'),
+      repeats=flags.DEFINE_integer('repeats', 3, 'Timed repeats; the median is reported.'),
+      warmup=flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.'),
+      num_classes=flags.DEFINE_integer(
+          'num_classes', None, "Head width; default: the data set's, else 1000 without data."),
+      skip_data=flags.DEFINE_bool('skip_data', False, 'Do not time the input pipeline.'),
+      data_only=flags.DEFINE_bool('data_only', False,
+                                  'Time the input pipeline alone (a host with no accelerator).'),
+      data_batches=flags.DEFINE_integer('data_batches', 20, 'Host batches timed.'))
   try:
-    _FLAGS(argv)
-    config = _CONFIG.value  # Loads the file and applies the overrides.
+    flags.FLAGS(argv)
+    config = config_flag.value  # Loads the file and applies the overrides.
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     message = (str(e).strip().splitlines() or [type(e).__name__])[0]
     if isinstance(e, (AttributeError, KeyError)):
@@ -53,12 +58,11 @@ def parse_flags(argv):
     raise UserError(message) from None
   except (FileNotFoundError, ImportError, SyntaxError) as e:
     raise UserError(f'cannot load config: {e}') from None
-  for name, value, least in (('steps', _STEPS.value, 1), ('repeats', _REPEATS.value, 1),
-                             ('warmup', _WARMUP.value, 0),
-                             ('data_batches', _DATA_BATCHES.value, 1)):
-    if value < least:
-      raise UserError(f'--{name}={value} must be >= {least}')
-  return config
+  options = {name: holder.value for name, holder in options.items()}
+  for name, least in (('steps', 1), ('repeats', 1), ('warmup', 0), ('data_batches', 1)):
+    if options[name] < least:
+      raise UserError(f'--{name}={options[name]} must be >= {least}')
+  return config, options
 
 
 def measure_data(config, num_batches):
@@ -164,7 +168,6 @@ def benchmark_steps(config, num_classes, steps, repeats, warmup):
   train_flops, eval_flops = flops_lib.model_flops_per_step(config, num_classes, eval_batch_size)
   per_device = lambda value: None if value is None else value / jax.device_count()
   peak_memory, memory_source = _peak_memory(compiled_train)
-  model_kwargs = models.model_kwargs(config.model_name, num_classes, **config.model.to_dict())
   return {
       'compile_s': compile_s,
       'eval_compile_s': eval_compile_s,
@@ -176,8 +179,6 @@ def benchmark_steps(config, num_classes, steps, repeats, warmup):
       'eval_flops_per_step': eval_flops,
       'compiled_train_flops_per_device': flops_lib.compiled_flops(compiled_train),
       'compiled_eval_flops_per_device': flops_lib.compiled_flops(compiled_eval),
-      'analytic_forward_flops_per_image': flops_lib.analytic_vit_flops(
-          model_kwargs, config.image_size),
       'train_mfu': flops_lib.mfu(per_device(train_flops), train_s),
       'eval_mfu': flops_lib.mfu(per_device(eval_flops), eval_s),
       'peak_flops_per_device': flops_lib.peak_flops_per_device(),
@@ -203,21 +204,35 @@ def _peak_memory(compiled_train):
   return int(total), 'XLA memory plan of the train step'
 
 
+STEP_KEYS = (
+    'compile_s', 'eval_compile_s', 'train_step_ms', 'eval_step_ms', 'train_img_per_sec',
+    'eval_img_per_sec', 'train_flops_per_step', 'eval_flops_per_step',
+    'compiled_train_flops_per_device', 'compiled_eval_flops_per_device', 'train_mfu', 'eval_mfu', 'peak_flops_per_device',
+    'peak_memory_bytes', 'peak_memory_source')
+
+
 def run(config, *, num_classes=None, steps=10, repeats=3, warmup=2, skip_data=False,
-        data_batches=20):
+        data_only=False, data_batches=20):
   """All the figures as one dict (the JSON line); `None` where a figure is not available."""
+  if data_only and skip_data:
+    raise UserError('--data_only and --skip_data leave nothing to time; pass one of them')
   import flax
   import jax
+  import jaxlib
+  from vit_jax import flops as flops_lib
+  from vit_jax import models
   data_img_per_sec, data_classes, data_error = None, None, 'skipped (--skip_data)'
   if not skip_data:
     data_img_per_sec, data_classes, data_error = measure_data(config, data_batches)
   num_classes = num_classes or data_classes or DEFAULT_NUM_CLASSES
   device = jax.devices()[0]
   results = {
+      'date': time.strftime('%Y-%m-%d'),
       'device': device.device_kind,
       'platform': device.platform,
       'device_count': jax.device_count(),
       'jax_version': jax.__version__,
+      'jaxlib_version': jaxlib.__version__,
       'flax_version': flax.__version__,
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'model_name': config.model_name,
@@ -228,53 +243,62 @@ def run(config, *, num_classes=None, steps=10, repeats=3, warmup=2, skip_data=Fa
       'num_classes': num_classes,
       'model_overrides': {k: v for k, v in config.model.to_dict().items() if v is not None},
   }
-  results.update(benchmark_steps(config, num_classes, steps, repeats, warmup))
+  results['analytic_forward_flops_per_image'] = flops_lib.analytic_vit_flops(
+      models.model_kwargs(config.model_name, num_classes, **config.model.to_dict()),
+      config.image_size)
+  if data_only:
+    results.update(dict.fromkeys(STEP_KEYS))
+  else:
+    results.update(benchmark_steps(config, num_classes, steps, repeats, warmup))
   results['data_img_per_sec'] = data_img_per_sec
   results['data_error'] = data_error
   return results
 
 
 def _fmt(value, unit='', scale=1.0):
-  return 'n/a' if value is None else f'{value / scale:,.4g}{unit}'
+  if value is None:
+    return 'n/a'
+  value /= scale
+  return f'{value:,.0f}{unit}' if abs(value) >= 1000 else f'{value:.4g}{unit}'
 
 
 def format_table(results):
   """The human-readable summary printed above the JSON line."""
-  data = (_fmt(results['data_img_per_sec']) if results['data_img_per_sec'] is not None
-          else f'n/a ({results["data_error"]})')
-  analytic = results['analytic_forward_flops_per_image']
+  r = results
+  data = (f'{_fmt(r["data_img_per_sec"])} img/s' if r['data_img_per_sec'] is not None
+          else f'n/a ({r["data_error"]})')
   rows = [
-      ('device', f'{results["device_count"]} x {results["device"]} ({results["platform"]})'),
-      ('model', f'{results["model_name"]} at {results["image_size"]} px (host '
-                f'{results["host_image_size"]} px), {results["num_classes"]} classes'),
-      ('batch (train / eval)', f'{results["batch_size"]} / {results["eval_batch_size"]}'),
-      ('compile train / eval', f'{results["compile_s"]:.1f} s / {results["eval_compile_s"]:.1f} s'),
-      ('train step', f'{results["train_step_ms"]:.1f} ms, '
-                     f'{results["train_img_per_sec"]:,.1f} img/s'),
-      ('eval step', f'{results["eval_step_ms"]:.1f} ms, {results["eval_img_per_sec"]:,.1f} img/s'),
-      ('model FLOPs train / eval', f'{_fmt(results["train_flops_per_step"], " G", 1e9)} / '
-                                   f'{_fmt(results["eval_flops_per_step"], " G", 1e9)} per step'
-                                   ' (XLA, scan/remat off)'),
-      ('compiled FLOPs train / eval',
-       f'{_fmt(results["compiled_train_flops_per_device"], " G", 1e9)} / '
-       f'{_fmt(results["compiled_eval_flops_per_device"], " G", 1e9)} per device'),
-      ('analytic forward', _fmt(analytic, ' GFLOPs/img', 1e9)),
-      ('peak bf16', _fmt(results['peak_flops_per_device'], ' TFLOP/s', 1e12)),
-      ('MFU train / eval', f'{_fmt(results["train_mfu"], "%", 0.01)} / '
-                           f'{_fmt(results["eval_mfu"], "%", 0.01)}'),
-      ('peak memory', _fmt(results['peak_memory_bytes'], ' GiB', 2 ** 30)
-       + (f' ({results["peak_memory_source"]})' if results['peak_memory_source'] else '')),
-      ('input pipeline', f'{data} img/s on {os.cpu_count()} host cores'),
+      ('device', f'{r["device_count"]} x {r["device"]} ({r["platform"]})'),
+      ('model', f'{r["model_name"]} at {r["image_size"]} px (host {r["host_image_size"]} px), '
+                f'{r["num_classes"]} classes'),
+      ('batch (train / eval)', f'{r["batch_size"]} / {r["eval_batch_size"]}'),
   ]
+  if r['train_step_ms'] is not None:
+    rows += [
+        ('compile train / eval', f'{r["compile_s"]:.1f} s / {r["eval_compile_s"]:.1f} s'),
+        ('train step', f'{r["train_step_ms"]:.1f} ms, {_fmt(r["train_img_per_sec"])} img/s'),
+        ('eval step', f'{r["eval_step_ms"]:.1f} ms, {_fmt(r["eval_img_per_sec"])} img/s'),
+        ('model FLOPs train / eval', f'{_fmt(r["train_flops_per_step"], " G", 1e9)} / '
+                                     f'{_fmt(r["eval_flops_per_step"], " G", 1e9)} per step '
+                                     '(XLA, scan/remat/accumulation off)'),
+        ('compiled FLOPs train / eval',
+         f'{_fmt(r["compiled_train_flops_per_device"], " G", 1e9)} / '
+         f'{_fmt(r["compiled_eval_flops_per_device"], " G", 1e9)} per device'),
+        ('analytic forward', _fmt(r['analytic_forward_flops_per_image'], ' GFLOPs/img', 1e9)),
+        ('peak bf16', _fmt(r['peak_flops_per_device'], ' TFLOP/s', 1e12)),
+        ('MFU train / eval', f'{_fmt(r["train_mfu"], "%", 0.01)} / '
+                             f'{_fmt(r["eval_mfu"], "%", 0.01)}'),
+        ('peak memory', _fmt(r['peak_memory_bytes'], ' GiB', 2 ** 30)
+         + (f' ({r["peak_memory_source"]})' if r['peak_memory_source'] else '')),
+    ]
+  rows.append(('input pipeline', f'{data} on {os.cpu_count()} host cores'))
   width = max(len(name) for name, _ in rows)
   return '\n'.join(f'{name:<{width}}  {value}' for name, value in rows)
 
 
 def main(argv):
-  config = parse_flags(argv)
-  results = run(config, num_classes=_NUM_CLASSES.value, steps=_STEPS.value,
-                repeats=_REPEATS.value, warmup=_WARMUP.value, skip_data=_SKIP_DATA.value,
-                data_batches=_DATA_BATCHES.value)
+  config, options = parse_flags(argv)
+  results = run(config, **options)
   print(format_table(results))
   print(json.dumps(results), flush=True)
 
