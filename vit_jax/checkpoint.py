@@ -8,7 +8,6 @@ the optimizer state loses its types.
 
 import json
 import os
-import warnings
 
 import jax
 import numpy as np
@@ -65,6 +64,17 @@ class Checkpointer:
     """Blocks until every async save has been committed to disk."""
     self._manager.wait_until_finished()
 
+  def restore(self, step, abstract_state):
+    """Restores the checkpoint at `step` into the structure (and shardings) of `abstract_state`."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_state.params),
+        train_state=ocp.args.StandardRestore(_train_state_item(abstract_state))))
+    rest = restored['train_state']
+    return abstract_state.replace(
+        step=rest['step'], params=restored['params'], opt_state=rest['opt_state'],
+        ema_params=rest.get('ema_params'), skipped_updates=rest['skipped_updates'],
+        first_nonfinite_step=rest['first_nonfinite_step'])
+
   def restore_latest(self, abstract_state, log=print):
     """Restores the newest checkpoint that reads into the structure of `abstract_state`.
 
@@ -73,21 +83,11 @@ class Checkpointer:
     """
     for step in reversed(self.steps()):
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_state.params),
-            train_state=ocp.args.StandardRestore(_train_state_item(abstract_state))))
+        return self.restore(step, abstract_state), step
       except Exception as e:  # pylint: disable=broad-except
         message = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         log(f'warning: checkpoint at step {step} in {self.directory} could not be read '
             f'({type(e).__name__}: {message}); trying the previous one')
-        warnings.warn(f'checkpoint at step {step} is unreadable; skipped')
-        continue
-      rest = restored['train_state']
-      state = abstract_state.replace(
-          step=rest['step'], params=restored['params'], opt_state=rest['opt_state'],
-          ema_params=rest.get('ema_params'), skipped_updates=rest['skipped_updates'],
-          first_nonfinite_step=rest['first_nonfinite_step'])
-      return state, step
     return None, None
 
   def close(self):

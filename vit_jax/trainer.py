@@ -69,6 +69,33 @@ def validate_config(config, device_count):
     raise UserError(f'optimizer.nan_policy={config.optimizer.nan_policy!r}; valid: stop, skip')
   if config.image_size <= 0:
     raise UserError(f'image_size={config.image_size} must be positive')
+  # The model, optimizer and pretrained settings fail here, before the (slow) data is loaded.
+  _validate_model(config)
+  optim.create_optimizer(config)
+  _validate_pretrained(config.pretrained)
+
+
+def _validate_model(config):
+  """The model name and overrides, and that its patch divides config.image_size."""
+  fields = models.model_kwargs(config.model_name, None, **config.model.to_dict())
+  if fields.get('resnet_layers'):
+    return  # A hybrid's patches tile the ResNet map; the model checks that when it is built.
+  patch_h, patch_w = fields['patch_size']
+  if config.image_size % patch_h or config.image_size % patch_w:
+    raise UserError(f'patch size {patch_h}x{patch_w} of {config.model_name} does not divide '
+                    f'the image size {config.image_size}x{config.image_size}; set image_size '
+                    f'to a multiple of {patch_h}')
+
+
+def _validate_pretrained(pretrained):
+  """An unknown pretrained format. (The file is checked only when it is needed: a resumed run
+  never reads it.)"""
+  if not pretrained.path:
+    return
+  from vit_jax import convert  # Only fine-tuning needs the converters.
+  if pretrained.format not in ('auto',) + convert.READ_FORMATS:
+    raise UserError(f'pretrained.format={pretrained.format!r} is unknown; valid: auto, '
+                    f'{", ".join(convert.READ_FORMATS)}')
 
 
 def _flatten(config_dict, prefix=''):
@@ -207,6 +234,48 @@ def _evaluate(eval_fn, params, datasets, mesh, num_classes):
   return {name: float(value) for name, value in results.items()}
 
 
+def state_initializer(config, model, tx, mesh):
+  """`(init_state(key), abstract_state, state_shardings)` for a model and optimizer on a mesh.
+
+  `abstract_state` carries shapes, dtypes and shardings (what a checkpoint restores into).
+  """
+  def init_state(key):
+    images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    params = model.init(key, images, train=False)['params']
+    return step_lib.create_train_state(params, tx, config.optimizer.ema_decay)
+
+  abstract_state = jax.eval_shape(init_state, jax.random.key(0))
+  state_shardings = sharding.state_shardings(mesh, abstract_state)
+  abstract_state = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract_state, state_shardings)
+  return init_state, abstract_state, state_shardings
+
+
+def restore_train_state(workdir, step=None):
+  """The full `TrainState` (params, optimizer state, EMA, counters) of a workdir's checkpoint.
+
+  For inspecting or comparing runs; `vit_jax.restore` is the lighter params-only path.
+  """
+  config = checkpoint_lib.read_config(workdir)
+  num_classes = len(checkpoint_lib.read_class_names(workdir))
+  model = models.create_model(config.model_name, num_classes, **config.model.to_dict())
+  tx, _ = optim.create_optimizer(config)
+  mesh = sharding.create_mesh(config.mesh)
+  _, abstract_state, _ = state_initializer(config, model, tx, mesh)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  try:
+    if step is None:
+      state, _ = checkpointer.restore_latest(abstract_state)
+    else:
+      state = checkpointer.restore(step, abstract_state)
+  finally:
+    checkpointer.close()
+  if state is None:
+    raise UserError(f'no readable checkpoint in {checkpointer.directory}')
+  return state
+
+
 def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_change=False,
                        log=print):
   """Trains `config` in `workdir`, resuming from its checkpoints; returns the final metrics.
@@ -228,17 +297,8 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
   model = models.create_model(config.model_name, num_classes, **config.model.to_dict())
   tx, schedule = optim.create_optimizer(config)
 
-  def init_state(key):
-    images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-    params = model.init(key, images, train=False)['params']
-    return step_lib.create_train_state(params, tx, config.optimizer.ema_decay)
-
+  init_state, abstract_state, state_shardings = state_initializer(config, model, tx, mesh)
   init_key = jax.random.key(config.seed)
-  abstract_state = jax.eval_shape(init_state, init_key)
-  state_shardings = sharding.state_shardings(mesh, abstract_state)
-  abstract_state = jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract_state, state_shardings)
 
   # The state: resumed from the workdir, else fresh (from a pretrained file when configured).
   # A pretrained file is read before anything is written, so a bad one leaves the workdir as
