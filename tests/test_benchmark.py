@@ -105,7 +105,7 @@ def _small_config(**model_overrides):
   config.model_name = 'ViT-S/16'
   for key in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim'):
     config.model[key] = None
-  config.model.classifier = 'token'
+  config.model.classifier, config.model.num_layers = 'token', 4
   config.model.update(model_overrides)
   config.image_size, config.data.host_image_size = 64, 32
   config.batch_size = 4
@@ -115,7 +115,7 @@ def _small_config(**model_overrides):
 def test_step_flops_used_for_mfu_match_analytic_whatever_the_fast_path():
   batch = 4
   analytic = flops.analytic_vit_flops(
-      models.model_kwargs('ViT-S/16', 10, classifier='token'), 64)
+      models.model_kwargs('ViT-S/16', 10, classifier='token', num_layers=4), 64)
   plain_train, plain_eval = flops.model_flops_per_step(_small_config(), 10)
   # Train: forward plus a backward of two products per forward product; the eval step also
   # resizes on the device, a little extra.
