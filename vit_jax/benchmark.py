@@ -24,6 +24,9 @@ from ml_collections import config_flags
 
 from vit_jax.errors import UserError
 
+# jax, TensorFlow and the model are imported inside the functions that use them, after the
+# flags are parsed, so a misspelt flag fails in a second (as in train.py).
+
 DEFAULT_NUM_CLASSES = 1000  # An ImageNet head, when no data set says otherwise.
 
 
