@@ -12,6 +12,8 @@ A user's mistake (a misspelt key, a wrong value, a missing data set) prints one 
 with `error:` and exits with status 2, leaving the workdir as it was.
 """
 
+import ast
+import importlib.util
 import os
 import re
 import sys
@@ -58,20 +60,54 @@ def _config_argument(argv):
   return ''
 
 
+def _unknown_key_message(error, argv):
+  """'unknown config key --config.optimizer.lr ...' from config_flags' AttributeError/KeyError.
+
+  Their text is the missing key in quotes, maybe followed by a 'Did you mean "x"' line.
+  """
+  text = str(error.args[0] if error.args else error)
+  for _ in range(2):  # The text may come quoted, even twice (a KeyError's repr in a message).
+    try:
+      text = str(ast.literal_eval(text))
+    except (ValueError, SyntaxError):
+      break
+  lines = text.strip().splitlines() or ['?']
+  key = lines[0].strip('\'"')
+  overrides = [arg.partition('=')[0] for arg in argv if arg.startswith('--config.')]
+  named = next((name for name in overrides if name.rsplit('.', 1)[-1] == key), key)
+  guess = re.search(r'did you mean "([^"]+)"', ' '.join(lines[1:]), re.IGNORECASE)
+  hint = f'did you mean {guess.group(1)}? ' if guess else ''
+  return f'unknown config key {named} ({hint}every key is declared in configs/common.py)'
+
+
+def _flag_error_message(error):
+  """One line for an absl flag error; a config file's own exception is kept (its last line)."""
+  lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+  if not lines:
+    return type(error).__name__
+  if len(lines) > 1 and any(line.startswith('Traceback') for line in lines):
+    return f'{lines[0]} {lines[-1]}'
+  return lines[0]
+
+
 def parse_flags(argv):
   """Parses flags; a bad flag or config override raises UserError with one line."""
-  if not _config_argument(argv):
+  config_argument = _config_argument(argv)
+  if not config_argument:
     raise UserError('--config is required, e.g. python train.py --config configs/quickstart.py')
+  config_path = config_argument.partition(':')[0]
+  if not os.path.isfile(config_path):
+    raise UserError(f'config file {config_path} does not exist (configs are in configs/, e.g. '
+                    'configs/quickstart.py)')
   try:
     flags.FLAGS(argv)
-    _ = _CONFIG.value  # Loads the file and applies the overrides.
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    message = _one_line(e)
-    if isinstance(e, (AttributeError, KeyError)):
-      message = f'unknown config key {message} (check the spelling against configs/common.py)'
-    raise UserError(message) from None
-  except (FileNotFoundError, ImportError, SyntaxError) as e:
-    raise UserError(f'cannot load config: {_one_line(e)}') from None
+    _CONFIG.value.keys()  # Loads the file and applies the overrides (or raises their error).
+  except (AttributeError, KeyError) as e:
+    raise UserError(_unknown_key_message(e, argv)) from None
+  except (flags.Error, TypeError, ValueError) as e:
+    raise UserError(_flag_error_message(e)) from None
+  except (OSError, ImportError, SyntaxError) as e:
+    raise UserError(f'cannot load config {config_argument}: {_flag_error_message(e)}') from None
 
 
 def initialize_distributed():
@@ -87,9 +123,11 @@ def initialize_distributed():
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
   elif 'SLURM_JOB_ID' in os.environ and int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+    jax.distributed.initialize()  # JAX reads the SLURM variables itself.
+  elif importlib.util.find_spec('libtpu') is not None:
+    # A Cloud TPU VM (libtpu comes with jax[tpu]): JAX finds the slice's workers itself, and a
+    # single-host VM is simply a run of one process.
     jax.distributed.initialize()
-  elif os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0:
-    jax.distributed.initialize()  # A multi-host TPU VM slice.
 
 
 def main(argv):

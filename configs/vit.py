@@ -12,7 +12,11 @@ here, which needs a GPU/TPU): CIFAR-10 S/16 98.7, B/16 99.0, L/16 99.1; CIFAR-10
 B/16 92.4, L/16 93.0; ImageNet B/16 84.0 (the paper's Table 2 at 384 px for L/16: 85.3).
 """
 
+import re
+
 from configs import common
+
+SIZES = {'ti': 'Ti', 's': 'S', 'b': 'B', 'l': 'L', 'h': 'H', 'g': 'g'}
 
 # data set → (train split, eval split, host image size, training steps)
 DATASETS = {
@@ -24,10 +28,14 @@ PRETRAINED_URL = 'https://storage.googleapis.com/vit_models/imagenet21k/ViT-{}_{
 
 
 def get_config(arg='B/16,cifar10'):
-  variant, dataset = arg.split(',')
-  if dataset not in DATASETS:
-    raise ValueError(f'configs/vit.py: unknown data set {dataset!r}; valid: {", ".join(DATASETS)}')
-  size, patch = variant.split('/')
+  variant, _, dataset = arg.partition(',')
+  match = re.fullmatch(r'([A-Za-z]+)/?(\d+)', variant)  # 'B/16', or 'b16' as on a shell line
+  size = SIZES.get(match.group(1).lower()) if match else None
+  if size is None or dataset not in DATASETS:
+    raise ValueError(f'configs/vit.py:{arg}: expected <size>/<patch>,<dataset> with size in '
+                     f'{" ".join(SIZES.values())} and dataset in {", ".join(DATASETS)}')
+  patch = match.group(2)
+  variant = f'{size}/{patch}'
   train_split, eval_split, host_size, steps = DATASETS[dataset]
 
   config = common.get_config()

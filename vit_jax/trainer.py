@@ -354,7 +354,11 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
     compile_start = time.perf_counter()
     compiled_train = train_fn.lower(state, first_batch).compile()
     compiled_eval = None  # Compiled at the first eval, when its batch shape is known.
-    flops_per_step = flops_lib.compiled_flops(compiled_train)
+    # Model FLOPs (not XLA's count of this compiled step, which counts a scanned layer or an
+    # accumulation loop once and a remat recomputation as work): one device's share.
+    flops_per_step = None
+    if flops_lib.peak_flops_per_device() is not None:
+      flops_per_step = flops_lib.model_flops_per_step(config, num_classes)[0] / jax.device_count()
     log(f'workdir {workdir}: training {config.model_name} for steps {start_step}..'
         f'{config.total_steps} on {jax.device_count()} {jax.devices()[0].platform} device(s) '
         f'(mesh {dict(mesh.shape)})')
