@@ -47,6 +47,10 @@ def read(path):
     (params, metadata): params a flat `{'a/b': np.ndarray}`; metadata a dict with `format`,
     `prefix` (the prefix that was dropped) and `fixes` (what was changed, in words).
   """
+  if os.path.isfile(path) and not zipfile.is_zipfile(path):
+    # np.load would guess a pickle and suggest allow_pickle=True: never the right advice here.
+    raise UserError(f'cannot read {path} as a .npz checkpoint: it is not a zip archive '
+                    '(truncated, or another kind of file)')
   try:
     with np.load(path, allow_pickle=False) as archive:
       params = {key: archive[key] for key in archive.files}
