@@ -12,7 +12,6 @@ device, divided by step time and the device's peak bf16 FLOP/s; it is null where
 unknown (CPU). The last line printed is one JSON object.
 """
 
-import functools
 import json
 import os
 import statistics
@@ -97,26 +96,16 @@ def time_calls(call, steps, repeats):
 def benchmark_steps(config, num_classes, steps, repeats, warmup):
   """Compiles and times the trainer's train and eval steps on one synthetic device batch."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
+  from vit_jax import build, optim, sharding, trainer
   from vit_jax import flops as flops_lib
-  from vit_jax import models, optim, sharding
-  from vit_jax import step as step_lib
-  from vit_jax import trainer
 
   trainer.validate_config(config, jax.device_count())
   mesh = sharding.create_mesh(config.mesh)
-  model = models.create_model(config.model_name, num_classes, **config.model.to_dict())
+  model = build.model_from_config(config, num_classes)
   tx, schedule = optim.create_optimizer(config)
-
-  def init_state(key):
-    images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-    params = model.init(key, images, train=False)['params']
-    return step_lib.create_train_state(params, tx, config.optimizer.ema_decay)
-
-  init_key = jax.random.key(config.seed)
-  state_shardings = sharding.state_shardings(mesh, jax.eval_shape(init_state, init_key))
-  state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
+  init_state, _, state_shardings = build.state_initializer(config, model, tx, mesh)
+  state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(config.seed))
 
   # Synthetic uint8 batches at the size the host would deliver, put on the device once.
   host_size = config.data.host_image_size or config.image_size
@@ -133,25 +122,13 @@ def benchmark_steps(config, num_classes, steps, repeats, warmup):
   train_batch = synthetic_batch(config.batch_size, with_mask=False)
   eval_batch = synthetic_batch(eval_batch_size, with_mask=True)
 
-  settings = step_lib.StepSettings(
-      image_size=config.image_size, num_classes=num_classes, seed=config.seed,
-      accum_steps=config.accum_steps, mixup_alpha=config.aug.mixup_alpha,
-      cutmix_alpha=config.aug.cutmix_alpha, label_smoothing=config.aug.label_smoothing,
-      ema_decay=config.optimizer.ema_decay)
-  batch_sharding = sharding.batch_sharding(mesh)
+  train_fn, eval_fn = build.step_functions(config, model, tx, schedule, num_classes, mesh,
+                                           state_shardings)
   start = time.perf_counter()
-  compiled_train = jax.jit(
-      functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule,
-                        settings=settings),
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=(0,)).lower(state, train_batch).compile()
+  compiled_train = train_fn.lower(state, train_batch).compile()
   compile_s = time.perf_counter() - start
   start = time.perf_counter()
-  compiled_eval = jax.jit(
-      functools.partial(step_lib.eval_step, model=model, image_size=config.image_size),
-      in_shardings=(state_shardings.params, batch_sharding),
-      out_shardings=sharding.replicated(mesh)).lower(state.params, eval_batch).compile()
+  compiled_eval = eval_fn.lower(state.params, eval_batch).compile()
   eval_compile_s = time.perf_counter() - start
 
   holder = {'state': state}  # The train step donates its state: each call feeds the next.

@@ -117,12 +117,12 @@ def restore(workdir, step=None):
   Builds the model from the saved config and reads only the params (no optimizer, no data), onto
   the default device; works on a CPU-only machine for a checkpoint written anywhere.
   """
-  from vit_jax import models  # Imported here: the model is needed only once there is a workdir.
+  from vit_jax import build  # Imported here: the model is needed only once there is a workdir.
   import jax.numpy as jnp
 
   config = read_config(workdir)
   num_classes = len(read_class_names(workdir))
-  model = models.create_model(config.model_name, num_classes, **config.model.to_dict())
+  model = build.model_from_config(config, num_classes)
   image_shape = (1, config.image_size, config.image_size, 3)
   abstract_params = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros(image_shape), train=False))['params']

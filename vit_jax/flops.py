@@ -9,7 +9,6 @@ matrix-unit figures from the vendors' datasheets, per device (a TPU v4 chip, one
 not in the table has no MFU (None), never a guess.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -116,18 +115,16 @@ def model_flops_per_step(config, num_classes, eval_batch_size=None):
   micro-batch is counted once and no recomputation is counted. The figures are global (the
   whole batch); divide by the device count for one device's share.
   """
-  from vit_jax import models, optim  # pylint: disable=g-import-not-at-top
-  from vit_jax import step as step_lib  # pylint: disable=g-import-not-at-top
-  overrides = {**config.model.to_dict(), **REFERENCE_MODEL_OVERRIDES}
-  model = models.create_model(config.model_name, num_classes, **overrides)
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from vit_jax import build, optim, sharding  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(config.to_dict())  # An unlocked copy to change.
+  config.accum_steps = 1
+  model = build.model_from_config(config, num_classes, **REFERENCE_MODEL_OVERRIDES)
   tx, schedule = optim.create_optimizer(config)
-
-  def init_state(key):
-    images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-    params = model.init(key, images, train=False)['params']
-    return step_lib.create_train_state(params, tx, config.optimizer.ema_decay)
-
-  state = jax.eval_shape(init_state, jax.random.key(0))
+  mesh = sharding.create_mesh(config.mesh)
+  _, state, state_shardings = build.state_initializer(config, model, tx, mesh)
+  train_fn, eval_fn = build.step_functions(config, model, tx, schedule, num_classes, mesh,
+                                           state_shardings)
   host_size = config.data.host_image_size or config.image_size
 
   def batch(size, **extra):
@@ -135,14 +132,8 @@ def model_flops_per_step(config, num_classes, eval_batch_size=None):
                 labels=jax.ShapeDtypeStruct((size,), jnp.int32), **extra)
 
   eval_batch_size = eval_batch_size or config.eval_batch_size or config.batch_size
-  settings = step_lib.StepSettings(
-      image_size=config.image_size, num_classes=num_classes, seed=config.seed, accum_steps=1,
-      mixup_alpha=config.aug.mixup_alpha, cutmix_alpha=config.aug.cutmix_alpha,
-      label_smoothing=config.aug.label_smoothing, ema_decay=config.optimizer.ema_decay)
-  train = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule,
-                                    settings=settings)).lower(state, batch(config.batch_size))
-  evaluate = jax.jit(functools.partial(step_lib.eval_step, model=model,
-                                       image_size=config.image_size)).lower(
+  train = train_fn.lower(state, batch(config.batch_size))
+  evaluate = eval_fn.lower(
       state.params, batch(eval_batch_size,
                           mask=jax.ShapeDtypeStruct((eval_batch_size,), jnp.float32)))
   return compiled_flops(train), compiled_flops(evaluate)

@@ -7,7 +7,6 @@ Nothing in the loop waits on the device except logging, eval and saving, and tho
 values that are already done while the next step runs.
 """
 
-import functools
 import json
 import os
 import queue
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import build
 from vit_jax import checkpoint as checkpoint_lib
 from vit_jax import data as data_lib
 from vit_jax import flops as flops_lib
@@ -234,24 +234,6 @@ def _evaluate(eval_fn, params, datasets, mesh, num_classes):
   return {name: float(value) for name, value in results.items()}
 
 
-def state_initializer(config, model, tx, mesh):
-  """`(init_state(key), abstract_state, state_shardings)` for a model and optimizer on a mesh.
-
-  `abstract_state` carries shapes, dtypes and shardings (what a checkpoint restores into).
-  """
-  def init_state(key):
-    images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-    params = model.init(key, images, train=False)['params']
-    return step_lib.create_train_state(params, tx, config.optimizer.ema_decay)
-
-  abstract_state = jax.eval_shape(init_state, jax.random.key(0))
-  state_shardings = sharding.state_shardings(mesh, abstract_state)
-  abstract_state = jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract_state, state_shardings)
-  return init_state, abstract_state, state_shardings
-
-
 def restore_train_state(workdir, step=None):
   """The full `TrainState` (params, optimizer state, EMA, counters) of a workdir's checkpoint.
 
@@ -259,10 +241,10 @@ def restore_train_state(workdir, step=None):
   """
   config = checkpoint_lib.read_config(workdir)
   num_classes = len(checkpoint_lib.read_class_names(workdir))
-  model = models.create_model(config.model_name, num_classes, **config.model.to_dict())
+  model = build.model_from_config(config, num_classes)
   tx, _ = optim.create_optimizer(config)
   mesh = sharding.create_mesh(config.mesh)
-  _, abstract_state, _ = state_initializer(config, model, tx, mesh)
+  _, abstract_state, _ = build.state_initializer(config, model, tx, mesh)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
   try:
     if step is None:
@@ -294,10 +276,10 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
                                       process_count=jax.process_count())
   num_classes = datasets.num_classes
   model_kwargs = models.model_kwargs(config.model_name, num_classes, **config.model.to_dict())
-  model = models.create_model(config.model_name, num_classes, **config.model.to_dict())
+  model = build.model_from_config(config, num_classes)
   tx, schedule = optim.create_optimizer(config)
 
-  init_state, abstract_state, state_shardings = state_initializer(config, model, tx, mesh)
+  init_state, abstract_state, state_shardings = build.state_initializer(config, model, tx, mesh)
   init_key = jax.random.key(config.seed)
 
   # The state: resumed from the workdir, else fresh (from a pretrained file when configured).
@@ -324,22 +306,8 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
       json.dump(list(datasets.class_names), f)
 
   # Compile both steps once, ahead of time: the loop can never trigger a recompile.
-  settings = step_lib.StepSettings(
-      image_size=config.image_size, num_classes=num_classes, seed=config.seed,
-      accum_steps=config.accum_steps, mixup_alpha=config.aug.mixup_alpha,
-      cutmix_alpha=config.aug.cutmix_alpha, label_smoothing=config.aug.label_smoothing,
-      ema_decay=config.optimizer.ema_decay)
-  batch_sharding = sharding.batch_sharding(mesh)
-  train_fn = jax.jit(
-      functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule,
-                        settings=settings),
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=(0,))
-  eval_fn = jax.jit(
-      functools.partial(step_lib.eval_step, model=model, image_size=config.image_size),
-      in_shardings=(state_shardings.params, batch_sharding),
-      out_shardings=sharding.replicated(mesh))
+  train_fn, eval_fn = build.step_functions(config, model, tx, schedule, num_classes, mesh,
+                                           state_shardings)
 
   start_step = int(jax.device_get(state.step))
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)

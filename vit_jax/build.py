@@ -1,0 +1,59 @@
+"""From a config to the objects a run is made of: model, initial state, and the jitted steps.
+
+One place, so the trainer, the benchmark, the FLOP counter and `restore` build exactly the same
+model and the same steps (sharded the same way, the state donated the same way).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from vit_jax import models
+from vit_jax import sharding
+from vit_jax import step as step_lib
+
+
+def model_from_config(config, num_classes, **extra_overrides):
+  """`models.create_model` for `config.model_name` with the overrides in `config.model`."""
+  overrides = {**config.model.to_dict(), **extra_overrides}
+  return models.create_model(config.model_name, num_classes, **overrides)
+
+
+def state_initializer(config, model, tx, mesh):
+  """`(init_state(key), abstract_state, state_shardings)` for a model and optimizer on a mesh.
+
+  `abstract_state` carries shapes, dtypes and shardings (what a checkpoint restores into).
+  """
+  def init_state(key):
+    images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    params = model.init(key, images, train=False)['params']
+    return step_lib.create_train_state(params, tx, config.optimizer.ema_decay)
+
+  abstract_state = jax.eval_shape(init_state, jax.random.key(0))
+  state_shardings = sharding.state_shardings(mesh, abstract_state)
+  abstract_state = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract_state, state_shardings)
+  return init_state, abstract_state, state_shardings
+
+
+def step_functions(config, model, tx, schedule, num_classes, mesh, state_shardings):
+  """`(train_fn, eval_fn)`: the jitted steps, sharded over `mesh`, the train state donated."""
+  settings = step_lib.StepSettings(
+      image_size=config.image_size, num_classes=num_classes, seed=config.seed,
+      accum_steps=config.accum_steps, mixup_alpha=config.aug.mixup_alpha,
+      cutmix_alpha=config.aug.cutmix_alpha, label_smoothing=config.aug.label_smoothing,
+      ema_decay=config.optimizer.ema_decay)
+  batch_sharding = sharding.batch_sharding(mesh)
+  train_fn = jax.jit(
+      functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule,
+                        settings=settings),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+  eval_fn = jax.jit(
+      functools.partial(step_lib.eval_step, model=model, image_size=config.image_size),
+      in_shardings=(state_shardings.params, batch_sharding),
+      out_shardings=sharding.replicated(mesh))
+  return train_fn, eval_fn
