@@ -108,6 +108,8 @@ def parse_flags(argv):
     raise UserError(_flag_error_message(e)) from None
   except (OSError, ImportError, SyntaxError) as e:
     raise UserError(f'cannot load config {config_argument}: {_flag_error_message(e)}') from None
+  if _STOP_AT_STEP.value is not None and _STOP_AT_STEP.value < 1:
+    raise UserError(f'--stop_at_step={_STOP_AT_STEP.value}: must be a step >= 1')
 
 
 def initialize_distributed():
