@@ -82,13 +82,14 @@ class Progress:
   def update(self, step, loss, img_per_sec, steps_per_sec):
     if not self.enabled:
       return
-    eta = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else 0.0
     width = 20
     done = int(width * step / max(self.total_steps, 1))
     bar = '#' * done + '.' * (width - done)
-    print(f'[{bar}] step {step}/{self.total_steps} | loss {loss:.4f} | '
-          f'{img_per_sec:,.0f} img/s | ETA {_format_seconds(eta)}',
-          file=self.stream, flush=True)
+    line = f'[{bar}] step {step}/{self.total_steps} | loss {loss:.4f}'
+    if img_per_sec and steps_per_sec:  # None until a timed interval has passed.
+      eta = (self.total_steps - step) / steps_per_sec
+      line += f' | {img_per_sec:,.0f} img/s | ETA {_format_seconds(eta)}'
+    print(line, file=self.stream, flush=True)
 
   def message(self, text):
     if self.enabled:

@@ -331,8 +331,7 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
         f'{config.total_steps} on {jax.device_count()} {jax.devices()[0].platform} device(s) '
         f'(mesh {dict(mesh.shape)})')
 
-    pending = None  # (step, metrics on device): fetched once the next step is dispatched.
-    last_log_time, last_log_step = None, start_step
+    train_log = _TrainLog(config, flops_per_step, writer, progress, checkpointer)
     batch = first_batch
     for step in range(start_step + 1, config.total_steps + 1):
       if batch is None:
@@ -342,30 +341,13 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
       if step == start_step + 1:
         jax.block_until_ready(step_metrics)
         progress.compiled(time.perf_counter() - compile_start)
-        last_log_time, last_log_step = time.perf_counter(), step
-
-      if pending is not None:  # The device is busy with `step`: fetch the last log's values.
-        pending_step, pending_metrics = pending
-        fetched = jax.device_get(pending_metrics)
-        now = time.perf_counter()
-        seconds_per_step = (now - last_log_time) / max(pending_step - last_log_step, 1)
-        last_log_time, last_log_step = now, pending_step
-        scalars = {name: float(value) for name, value in fetched.items()
-                   if name != 'first_nonfinite_step'}
-        scalars['img_per_sec'] = config.batch_size / seconds_per_step
-        train_mfu = flops_lib.mfu(flops_per_step, seconds_per_step)
-        if train_mfu is not None:
-          scalars['train_mfu'] = train_mfu
-        _check_finite(fetched, config, checkpointer)
-        writer.write(pending_step, scalars)
-        progress.update(pending_step, scalars['train_loss'], scalars['img_per_sec'],
-                        1.0 / seconds_per_step)
-        pending = None
+        train_log.start_clock(step)
+      train_log.flush()  # The device is busy with `step`: fetching the last log's values is free.
 
       is_last = step == config.total_steps
       stopping = stop_request.signal_name is not None or step == stop_at_step
       if step % config.log_every == 0 or is_last:
-        pending = (step, step_metrics)
+        train_log.hold(step, step_metrics)
 
       if (config.eval_every and step % config.eval_every == 0) or is_last:
         _check_finite({'first_nonfinite_step': state.first_nonfinite_step}, config,
@@ -390,16 +372,13 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
 
       if stopping and not is_last:
         reason = stop_request.signal_name or f'--stop_at_step={stop_at_step}'
+        train_log.flush()
         checkpointer.wait()
         log(f'{reason}: saved a checkpoint at step {step} in {checkpointer.directory}; rerun '
             f'the same command to resume')
         return {'step': step, 'stopped': True}
 
-    if pending is not None:
-      fetched = jax.device_get(pending[1])
-      _check_finite(fetched, config, checkpointer)
-      writer.write(pending[0], {k: float(v) for k, v in fetched.items()
-                                if k != 'first_nonfinite_step'})
+    train_log.flush()
     checkpointer.wait()
     if is_main:
       with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
@@ -409,6 +388,49 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
     stop_request.uninstall()
     writer.close()
     checkpointer.close()
+
+
+class _TrainLog:
+  """Train metrics of a log step, held on the device and fetched after the next step is
+  dispatched, so the host never makes the device wait; img/s and MFU over the interval."""
+
+  def __init__(self, config, flops_per_step, writer, progress, checkpointer):
+    self._config, self._flops_per_step = config, flops_per_step
+    self._writer, self._progress, self._checkpointer = writer, progress, checkpointer
+    self._held = None  # (step, metrics on device)
+    self._clock = None  # (time, step) of the last fetch
+
+  def start_clock(self, step):
+    """Rates are measured from here: after `step`, the first (compiling) one, has finished."""
+    self._clock = (time.perf_counter(), step)
+
+  def hold(self, step, metrics):
+    self._held = (step, metrics)
+
+  def flush(self):
+    """Fetches and writes the held metrics (if any); stops the run on a non-finite loss."""
+    if self._held is None:
+      return
+    step, metrics = self._held
+    self._held = None
+    fetched = jax.device_get(metrics)
+    _check_finite(fetched, self._config, self._checkpointer)
+    scalars = {name: float(value) for name, value in fetched.items()
+               if name != 'first_nonfinite_step'}
+    now = time.perf_counter()
+    clock_time, clock_step = self._clock
+    steps_per_sec = None
+    if step > clock_step:  # No interval to measure before the first step has finished.
+      seconds_per_step = (now - clock_time) / (step - clock_step)
+      steps_per_sec = 1.0 / seconds_per_step
+      scalars['img_per_sec'] = self._config.batch_size * steps_per_sec
+      train_mfu = flops_lib.mfu(self._flops_per_step, seconds_per_step)
+      if train_mfu is not None:
+        scalars['train_mfu'] = train_mfu
+      self._clock = (now, step)
+    self._writer.write(step, scalars)
+    self._progress.update(step, scalars['train_loss'], scalars.get('img_per_sec'),
+                          steps_per_sec)
 
 
 def _check_finite(fetched, config, checkpointer):
