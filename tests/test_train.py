@@ -42,10 +42,10 @@ def test_quickstart_reaches_97_percent_and_restores(tmp_path):
   from vit_jax import restore
   from vit_jax.data import device, digits
   model, params, config = restore(workdir)
-  test_images, test_labels = digits.load('test')
-  images = device.preprocess(jnp.asarray(test_images), config.image_size)
+  test_split = digits.load('test')
+  images = device.preprocess(jnp.asarray(test_split.pixels), config.image_size)
   logits = model.apply({'params': params}, images, train=False)
-  accuracy = float(np.mean(np.argmax(logits, -1) == test_labels))
+  accuracy = float(np.mean(np.argmax(logits, -1) == test_split.labels))
   assert accuracy == pytest.approx(evals[-1]['test_accuracy'], abs=1e-6)
 
 
