@@ -21,6 +21,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from vit_jax import errors
 from vit_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file[:arg].',
@@ -43,11 +44,6 @@ def default_workdir(config_arg):
   if argument:
     name += '_' + re.sub(r'[^A-Za-z0-9.+-]+', '_', argument.replace('/', '-'))
   return os.path.join('workdirs', name)
-
-
-def _one_line(error):
-  text = str(error).strip().splitlines()
-  return text[0] if text else type(error).__name__
 
 
 def _config_argument(argv):
@@ -147,5 +143,4 @@ if __name__ == '__main__':
   try:
     main(sys.argv)
   except UserError as e:
-    print(f'error: {_one_line(e)}', file=sys.stderr)
-    sys.exit(2)
+    sys.exit(errors.report(e))

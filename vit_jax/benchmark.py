@@ -21,6 +21,7 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
+from vit_jax import errors
 from vit_jax.errors import UserError
 
 # jax, TensorFlow and the model are imported inside the functions that use them, after the
@@ -287,5 +288,4 @@ if __name__ == '__main__':
   try:
     main(sys.argv)
   except UserError as e:
-    print(f'error: {(str(e).strip().splitlines() or ["UserError"])[0]}', file=sys.stderr)
-    sys.exit(2)
+    sys.exit(errors.report(e))

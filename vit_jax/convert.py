@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import models
+from vit_jax import errors
 from vit_jax.errors import UserError
 from vit_jax.formats import hf, npz, tree, workdir
 from vit_jax.models import layout
@@ -474,8 +475,7 @@ def main(argv=None):
     convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format,
             model_name=args.model, num_classes=args.num_classes, image_size=args.image_size)
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    sys.exit(errors.report(e))
 
 
 if __name__ == '__main__':

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 from matplotlib.figure import Figure
 
+from vit_jax import errors
 from vit_jax.errors import UserError
 
 # (panel title, y label, [(metric key, line style, legend suffix)], log-scale y)
@@ -120,8 +121,7 @@ def main(argv=None):
   try:
     plot_workdirs(args.workdirs, args.out)
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    return errors.report(e)
   print(f'wrote {args.out}')
   return 0
 

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from vit_jax import visualize
+from vit_jax import errors
 from vit_jax.errors import UserError
 
 TOP_K = 5
@@ -173,8 +174,7 @@ def main(argv=None):
   try:
     print(predict(args))
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    return errors.report(e)
   return 0
 
 

@@ -38,6 +38,7 @@ import shlex
 import subprocess
 import sys
 
+from vit_jax import errors
 from vit_jax.errors import UserError
 
 DEFAULT_WORKDIR_ROOT = 'workdirs/sweeps'
@@ -436,8 +437,7 @@ def main(argv=None):
       return _summarize_main(argv[1:])
     return _run_main(argv)
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    return errors.report(e)
 
 
 if __name__ == '__main__':

@@ -27,6 +27,7 @@ import tarfile
 import tempfile
 
 from vit_jax import sweep as sweep_lib
+from vit_jax import errors
 from vit_jax.errors import UserError
 
 REMOTE_DIR = '~/vit_jax'               # the code on every worker
@@ -277,8 +278,7 @@ def main(argv=None):
       print(f'training runs in the background; follow worker 0 with: {shlex.join(follow)}')
     return 0
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    return errors.report(e)
   except RuntimeError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
