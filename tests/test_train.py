@@ -37,6 +37,7 @@ def test_quickstart_reaches_97_percent_and_restores(tmp_path):
   assert train_rows[-1]['train_loss'] < train_rows[0]['train_loss']
   assert 'compiled and ran in' in result.stdout
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
+  assert os.path.getsize(os.path.join(workdir, 'curves.png')) > 0  # Redrawn at each eval.
 
   # The notebook API gives the same model: its accuracy on the test split is the logged one.
   from vit_jax import restore

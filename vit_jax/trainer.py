@@ -7,6 +7,7 @@ Nothing in the loop waits on the device except logging, eval and saving, and tho
 values that are already done while the next step runs.
 """
 
+import itertools
 import json
 import os
 import queue
@@ -332,12 +333,9 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
         f'(mesh {dict(mesh.shape)})')
 
     train_log = _TrainLog(config, flops_per_step, writer, progress, checkpointer)
-    batch = first_batch
+    batches = itertools.chain([first_batch], batches)
     for step in range(start_step + 1, config.total_steps + 1):
-      if batch is None:
-        batch = next(batches)
-      state, step_metrics = compiled_train(state, batch)
-      batch = None
+      state, step_metrics = compiled_train(state, next(batches))
       if step == start_step + 1:
         jax.block_until_ready(step_metrics)
         progress.compiled(time.perf_counter() - compile_start)
@@ -352,7 +350,6 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
       if (config.eval_every and step % config.eval_every == 0) or is_last:
         _check_finite({'first_nonfinite_step': state.first_nonfinite_step}, config,
                       checkpointer)
-        eval_batch = None
         if compiled_eval is None:
           eval_batch = next(iter(datasets.eval_batches()))
           compiled_eval = eval_fn.lower(
