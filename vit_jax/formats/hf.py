@@ -154,60 +154,81 @@ def _legacy_name(key):
   return key
 
 
-def from_hf_state(state, num_layers, num_heads, path='the HF weights'):
-  """HF ViT tensors (legacy names) -> flat vit_jax params; UserError lists missing/extra keys."""
-  state = dict(state)
-  params = {}
-  missing = []
+def _key_pairs(num_layers, num_heads):
+  """(HF key, vit_jax key, HF -> ours, ours -> HF) for every tensor both layouts share.
 
-  def take(key):
-    if key not in state:
-      missing.append(key)
-      return None
-    return np.asarray(state.pop(key))
-
-  def put(key, value, fn=lambda x: x):
-    if value is not None:
-      params[key] = np.ascontiguousarray(fn(value))
-
-  put('embedding/kernel', take(_EMB + 'patch_embeddings.projection.weight'),
-      lambda w: w.transpose(2, 3, 1, 0))  # (D, C, P, P) -> (P, P, C, D)
-  put('embedding/bias', take(_EMB + 'patch_embeddings.projection.bias'))
-  put('cls', take(_EMB + 'cls_token'))
-  put('Transformer/posembed_input/pos_embedding', take(_EMB + 'position_embeddings'))
+  One table serves both directions, so reading and writing cannot drift apart.
+  """
+  same = (lambda x: x, lambda x: x)
+  transposed = (np.transpose, np.transpose)
+  pairs = [
+      (_EMB + 'patch_embeddings.projection.weight', 'embedding/kernel',
+       lambda w: w.transpose(2, 3, 1, 0),    # (D, C, P, P) -> (P, P, C, D)
+       lambda k: k.transpose(3, 2, 0, 1)),   # and back
+      (_EMB + 'patch_embeddings.projection.bias', 'embedding/bias', *same),
+      (_EMB + 'cls_token', 'cls', *same),
+      (_EMB + 'position_embeddings', 'Transformer/posembed_input/pos_embedding', *same),
+  ]
   for i in range(num_layers):
     hf, ours = _LAYER.format(i), f'Transformer/encoderblock_{i}/'
     attention = ours + 'MultiHeadDotProductAttention_1/'
     for name in ('query', 'key', 'value'):
-      weight = take(hf + f'attention.attention.{name}.weight')  # (heads * head_dim, D)
-      put(attention + f'{name}/kernel', weight,
-          lambda w: w.T.reshape(w.shape[1], num_heads, -1))
-      put(attention + f'{name}/bias', take(hf + f'attention.attention.{name}.bias'),
-          lambda b: b.reshape(num_heads, -1))
-    put(attention + 'out/kernel', take(hf + 'attention.output.dense.weight'),
-        lambda w: w.T.reshape(num_heads, -1, w.shape[0]))
-    put(attention + 'out/bias', take(hf + 'attention.output.dense.bias'))
+      pairs.append((hf + f'attention.attention.{name}.weight', attention + f'{name}/kernel',
+                    lambda w: w.T.reshape(w.shape[1], num_heads, -1),  # (D', D) -> (D, h, d)
+                    lambda k: k.reshape(k.shape[0], -1).T))
+      pairs.append((hf + f'attention.attention.{name}.bias', attention + f'{name}/bias',
+                    lambda b: b.reshape(num_heads, -1), lambda b: b.reshape(-1)))
+    pairs.append((hf + 'attention.output.dense.weight', attention + 'out/kernel',
+                  lambda w: w.T.reshape(num_heads, -1, w.shape[0]),  # (D, D') -> (h, d, D)
+                  lambda k: k.reshape(-1, k.shape[-1]).T))
+    pairs.append((hf + 'attention.output.dense.bias', attention + 'out/bias', *same))
     for hf_norm, our_norm in (('layernorm_before', 'LayerNorm_0'),
                               ('layernorm_after', 'LayerNorm_2')):
-      put(ours + f'{our_norm}/scale', take(hf + f'{hf_norm}.weight'))
-      put(ours + f'{our_norm}/bias', take(hf + f'{hf_norm}.bias'))
+      pairs.append((hf + f'{hf_norm}.weight', ours + f'{our_norm}/scale', *same))
+      pairs.append((hf + f'{hf_norm}.bias', ours + f'{our_norm}/bias', *same))
     for hf_dense, our_dense in (('intermediate.dense', 'Dense_0'), ('output.dense', 'Dense_1')):
-      put(ours + f'MlpBlock_3/{our_dense}/kernel', take(hf + f'{hf_dense}.weight'), np.transpose)
-      put(ours + f'MlpBlock_3/{our_dense}/bias', take(hf + f'{hf_dense}.bias'))
-  put('Transformer/encoder_norm/scale', take('vit.layernorm.weight'))
-  put('Transformer/encoder_norm/bias', take('vit.layernorm.bias'))
-  for hf_dense, our_dense in (('vit.pooler.dense', 'pre_logits'), ('classifier', 'head')):
-    if hf_dense + '.weight' in state:
-      put(f'{our_dense}/kernel', take(hf_dense + '.weight'), np.transpose)
-      put(f'{our_dense}/bias', take(hf_dense + '.bias'))
+      pairs.append((hf + f'{hf_dense}.weight', ours + f'MlpBlock_3/{our_dense}/kernel',
+                    *transposed))
+      pairs.append((hf + f'{hf_dense}.bias', ours + f'MlpBlock_3/{our_dense}/bias', *same))
+  pairs.append(('vit.layernorm.weight', 'Transformer/encoder_norm/scale', *same))
+  pairs.append(('vit.layernorm.bias', 'Transformer/encoder_norm/bias', *same))
+  return pairs
+
+
+def _dense_pairs(hf_dense, our_dense):
+  """The pairs of a plain Dense layer (HF stores the kernel transposed)."""
+  return [(hf_dense + '.weight', f'{our_dense}/kernel', np.transpose, np.transpose),
+          (hf_dense + '.bias', f'{our_dense}/bias', lambda x: x, lambda x: x)]
+
+
+def _move(source, pairs, to_ours, what):
+  """Converts every pair's tensor from `source`; UserError lists missing and unexpected keys."""
+  source = dict(source)
+  converted, missing = {}, []
+  for hf_key, our_key, hf_to_ours, ours_to_hf in pairs:
+    key_in, key_out, convert = ((hf_key, our_key, hf_to_ours) if to_ours
+                                else (our_key, hf_key, ours_to_hf))
+    if key_in not in source:
+      missing.append(key_in)
+      continue
+    converted[key_out] = np.ascontiguousarray(convert(np.asarray(source.pop(key_in))))
+  if missing or source:
+    raise UserError(what + ': ' + '; '.join(part for part in (
+        'missing ' + ', '.join(missing) if missing else '',
+        'unexpected ' + ', '.join(sorted(source)) if source else '') if part))
+  return converted
+
+
+def from_hf_state(state, num_layers, num_heads, path='the HF weights'):
+  """HF ViT tensors (legacy names) -> flat vit_jax params; UserError lists missing/extra keys."""
+  state = dict(state)
   state.pop('vit.embeddings.mask_token', None)  # Masked-image-modelling only; never used here.
-  if missing or state:
-    raise UserError(
-        f'{path} is not a ViT with {num_layers} layers as its config says: '
-        + '; '.join(part for part in (
-            'missing ' + ', '.join(missing) if missing else '',
-            'unexpected ' + ', '.join(sorted(state)) if state else '') if part))
-  return params
+  pairs = _key_pairs(num_layers, num_heads)
+  for hf_dense, our_dense in (('vit.pooler.dense', 'pre_logits'), ('classifier', 'head')):
+    if hf_dense + '.weight' in state:  # Both optional: a bare ViTModel has no classifier.
+      pairs += _dense_pairs(hf_dense, our_dense)
+  return _move(state, pairs, to_ours=True,
+               what=f'{path} is not a ViT with {num_layers} layers as its config says')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,56 +257,11 @@ def check_writable(model_kwargs):
                     + '; '.join(problems) + '; write npz instead')
 
 
-def to_hf_state(params, num_layers):
+def to_hf_state(params, num_layers, num_heads):
   """Flat per-layer vit_jax params -> HF ViTForImageClassification tensors (legacy names)."""
-  params = dict(params)
-  state = {}
-  missing = []
-
-  def take(key):
-    if key not in params:
-      missing.append(key)
-      return None
-    return np.asarray(params.pop(key))
-
-  def put(key, value, fn=lambda x: x):
-    if value is not None:
-      state[key] = np.ascontiguousarray(fn(value))
-
-  put(_EMB + 'patch_embeddings.projection.weight', take('embedding/kernel'),
-      lambda k: k.transpose(3, 2, 0, 1))  # (P, P, C, D) -> (D, C, P, P)
-  put(_EMB + 'patch_embeddings.projection.bias', take('embedding/bias'))
-  put(_EMB + 'cls_token', take('cls'))
-  put(_EMB + 'position_embeddings', take('Transformer/posembed_input/pos_embedding'))
-  for i in range(num_layers):
-    hf, ours = _LAYER.format(i), f'Transformer/encoderblock_{i}/'
-    attention = ours + 'MultiHeadDotProductAttention_1/'
-    for name in ('query', 'key', 'value'):
-      put(hf + f'attention.attention.{name}.weight', take(attention + f'{name}/kernel'),
-          lambda k: k.reshape(k.shape[0], -1).T)  # (D, heads, head_dim) -> (D', D)
-      put(hf + f'attention.attention.{name}.bias', take(attention + f'{name}/bias'),
-          lambda b: b.reshape(-1))
-    put(hf + 'attention.output.dense.weight', take(attention + 'out/kernel'),
-        lambda k: k.reshape(-1, k.shape[-1]).T)  # (heads, head_dim, D) -> (D, D')
-    put(hf + 'attention.output.dense.bias', take(attention + 'out/bias'))
-    for hf_norm, our_norm in (('layernorm_before', 'LayerNorm_0'),
-                              ('layernorm_after', 'LayerNorm_2')):
-      put(hf + f'{hf_norm}.weight', take(ours + f'{our_norm}/scale'))
-      put(hf + f'{hf_norm}.bias', take(ours + f'{our_norm}/bias'))
-    for hf_dense, our_dense in (('intermediate.dense', 'Dense_0'), ('output.dense', 'Dense_1')):
-      put(hf + f'{hf_dense}.weight', take(ours + f'MlpBlock_3/{our_dense}/kernel'), np.transpose)
-      put(hf + f'{hf_dense}.bias', take(ours + f'MlpBlock_3/{our_dense}/bias'))
-  put('vit.layernorm.weight', take('Transformer/encoder_norm/scale'))
-  put('vit.layernorm.bias', take('Transformer/encoder_norm/bias'))
-  put('classifier.weight', take('head/kernel'), np.transpose)
-  put('classifier.bias', take('head/bias'))
-  if missing or params:
-    raise UserError(
-        'the parameters are not a ViT-for-HF with {} layers: '.format(num_layers)
-        + '; '.join(part for part in (
-            'missing ' + ', '.join(missing) if missing else '',
-            'unexpected ' + ', '.join(sorted(params)) if params else '') if part))
-  return state
+  pairs = _key_pairs(num_layers, num_heads) + _dense_pairs('classifier', 'head')
+  return _move(params, pairs, to_ours=False,
+               what=f'the parameters are not a ViT-for-HF with {num_layers} layers')
 
 
 def hf_config(model_kwargs, image_size, num_channels, class_names=None):
@@ -323,7 +299,7 @@ def write(params, model_kwargs, path, image_size, class_names=None):
   check_writable(model_kwargs)
   params = {key: value.astype(np.float32) if value.dtype.name == 'bfloat16' else value
             for key, value in tree.to_numpy(params).items()}
-  state = to_hf_state(params, int(model_kwargs['num_layers']))
+  state = to_hf_state(params, int(model_kwargs['num_layers']), int(model_kwargs['num_heads']))
   config = hf_config(model_kwargs, image_size,
                      num_channels=state[_EMB + 'patch_embeddings.projection.weight'].shape[1],
                      class_names=class_names)
