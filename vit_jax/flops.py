@@ -41,9 +41,10 @@ def peak_flops_per_device(device=None):
 def compiled_flops(compiled):
   """Total FLOPs of one call of a `jax.jit(...).lower(...)` result, compiled or not, or None.
 
-  XLA reports the FLOPs of the whole (global) computation for a single-device program and of
-  one device's share for an SPMD-partitioned one; callers multiply by the device count in the
-  latter case (see `mfu`).
+  A lowered step is counted over its whole (global) batch; a compiled SPMD program, for the
+  share one device runs (the benchmark reports it per device). XLA counts a loop body (scan,
+  gradient accumulation) once and a remat recomputation as work, so MFU uses
+  `model_flops_per_step` instead.
   """
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # Older jax returns one dict per program.

@@ -51,15 +51,6 @@ class MetricWriter:
       self._tensorboard.close()
 
 
-def read_metrics(workdir):
-  """The rows of `workdir/metrics.jsonl` as a list of dicts (empty when there is none)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def _format_seconds(seconds):
   seconds = int(max(seconds, 0))
   hours, rest = divmod(seconds, 3600)
@@ -90,7 +81,3 @@ class Progress:
       eta = (self.total_steps - step) / steps_per_sec
       line += f' | {img_per_sec:,.0f} img/s | ETA {_format_seconds(eta)}'
     print(line, file=self.stream, flush=True)
-
-  def message(self, text):
-    if self.enabled:
-      print(text, file=self.stream, flush=True)
