@@ -1,5 +1,7 @@
 """Tests for vit_jax.models: sizes, shapes, dtypes, layouts, names, and user errors."""
 
+import types
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -254,6 +256,36 @@ def test_explicit_attention_matches_fused_and_sows_weights():
       'MultiHeadDotProductAttention_1']['attention_weights']
   assert weights.shape == (2, 2, 17, 17)  # (batch, heads, q_tokens, k_tokens)
   np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize('platform, capability, dtype, head_dim, expected', [
+    ('gpu', '9.0', jnp.bfloat16, 64, 'cudnn'),     # ViT-B on an H100: the fused kernel.
+    ('gpu', '8.0', jnp.float16, 128, 'cudnn'),     # A100, the widest head before Hopper.
+    ('gpu', '8.0', jnp.bfloat16, 256, 'xla'),      # Too wide for cuDNN on Ampere ...
+    ('gpu', '9.0', jnp.bfloat16, 256, 'cudnn'),    # ... but not on Hopper.
+    ('gpu', '9.0', jnp.float32, 64, 'xla'),        # cuDNN's flash attention is half precision.
+    ('gpu', '9.0', jnp.bfloat16, 20, 'xla'),       # Head width not a multiple of 8.
+    ('gpu', '7.0', jnp.bfloat16, 64, 'xla'),       # V100: before Ampere.
+    ('gpu', 'gfx90a', jnp.bfloat16, 64, 'xla'),    # ROCm: no cuDNN.
+    ('cpu', None, jnp.bfloat16, 64, 'xla'),
+    ('tpu', None, jnp.bfloat16, 64, 'xla'),
+])
+def test_auto_attention_picks_cudnn_only_where_it_runs(platform, capability, dtype, head_dim,
+                                                       expected):
+  device = types.SimpleNamespace(platform=platform)
+  if capability is not None:
+    device.compute_capability = capability
+  assert vit.attention_implementation('auto', dtype, head_dim, device) == expected
+  # An explicit choice is the user's, passed through whatever the device.
+  assert vit.attention_implementation('xla', dtype, head_dim, device) == 'xla'
+  assert vit.attention_implementation('cudnn', dtype, head_dim, device) == 'cudnn'
+
+
+def test_auto_attention_lowers_without_cudnn_on_this_cpu():
+  model = models.create_model('ViT-B/16', 0, dtype=jnp.bfloat16, **TINY)
+  images = _images()
+  hlo = jax.jit(model.init).lower(jax.random.key(0), images).as_text()
+  assert 'cudnn' not in hlo.lower()
 
 
 def test_scanned_model_sows_weights_per_layer():

@@ -33,7 +33,7 @@ REMAT_POLICIES = {
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
-ATTENTION_IMPLS = {'auto': None, 'xla': 'xla', 'cudnn': 'cudnn'}
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
 
 Dtype = Any
 
@@ -143,6 +143,32 @@ class MlpBlock(nn.Module):
     return nn.Dropout(self.dropout_rate)(x, deterministic)
 
 
+def attention_implementation(attention_impl, dtype, head_dim, device=None):
+  """The `implementation` to pass to `jax.nn.dot_product_attention`: 'cudnn' or 'xla'.
+
+  'auto' picks cuDNN's fused (flash) attention where jax can run it: a CUDA GPU of compute
+  capability 8.0 or later (Ampere, Hopper, ...), bfloat16 or float16, and a head width that is a
+  multiple of 8 up to 128 (256 from Hopper on), the limits jax checks before it calls cuDNN.
+  Everywhere else (CPU, TPU, float32, odd head widths) it picks XLA's softmax(QK^T)V. It does not
+  leave the choice to jax (implementation=None), which as of jax 0.10-0.12 always takes XLA.
+  'xla' and 'cudnn' are passed through. `device` defaults to the first device (a mesh here is
+  always of one platform).
+  """
+  if attention_impl != 'auto':
+    return attention_impl
+  device = device or jax.devices()[0]
+  capability = getattr(device, 'compute_capability', None)  # '9.0' on CUDA; absent elsewhere.
+  try:
+    major_minor = tuple(int(part) for part in str(capability).split('.')[:2])
+  except ValueError:  # Not a CUDA capability (e.g. a ROCm 'gfx90a'): no cuDNN there.
+    return 'xla'
+  max_head_dim = 256 if major_minor >= (9, 0) else 128
+  fused = (device.platform == 'gpu' and major_minor >= (8, 0)
+           and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+           and head_dim % 8 == 0 and head_dim <= max_head_dim)
+  return 'cudnn' if fused else 'xla'
+
+
 class MultiHeadDotProductAttention(nn.Module):
   """Multi-head attention with the parameter layout of flax's MultiHeadDotProductAttention.
 
@@ -193,7 +219,8 @@ class MultiHeadDotProductAttention(nn.Module):
         raise UserError(f'attention_impl=cudnn needs dtype bfloat16 or float16, got '
                         f'{jnp.dtype(self.dtype).name}; use attention_impl=auto or xla')
       encoded = jax.nn.dot_product_attention(
-          query, key, value, implementation=ATTENTION_IMPLS[self.attention_impl])
+          query, key, value,
+          implementation=attention_implementation(self.attention_impl, self.dtype, head_dim))
 
     return nn.DenseGeneral(
         width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype, name='out',
