@@ -153,6 +153,9 @@ CASES = {
                                       ('num_heads 3', 'width 64')),
     'unknown_classifier': Case(QUICKSTART + ['--config.model.classifier=cls'],
                                ('classifier', 'cls', 'gap')),
+    'cudnn_attention_without_gpu': Case(
+        QUICKSTART + ['--config.model.attention_impl=cudnn', '--config.model.dtype=bfloat16'],
+        ('attention_impl=cudnn needs a cuda gpu', 'cpu')),
     'unknown_dtype': Case(QUICKSTART + ['--config.model.dtype=float8'],
                           ('dtype', 'float8', 'bfloat16')),
     'batch_not_divisible_by_devices': Case(

@@ -278,7 +278,11 @@ def test_auto_attention_picks_cudnn_only_where_it_runs(platform, capability, dty
   assert vit.attention_implementation('auto', dtype, head_dim, device) == expected
   # An explicit choice is the user's, passed through whatever the device.
   assert vit.attention_implementation('xla', dtype, head_dim, device) == 'xla'
-  assert vit.attention_implementation('cudnn', dtype, head_dim, device) == 'cudnn'
+  if platform == 'gpu':
+    assert vit.attention_implementation('cudnn', dtype, head_dim, device) == 'cudnn'
+  else:
+    with pytest.raises(UserError, match='attention_impl=cudnn needs a CUDA GPU'):
+      vit.attention_implementation('cudnn', dtype, head_dim, device)
 
 
 def test_auto_attention_lowers_without_cudnn_on_this_cpu():

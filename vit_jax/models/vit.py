@@ -154,9 +154,12 @@ def attention_implementation(attention_impl, dtype, head_dim, device=None):
   'xla' and 'cudnn' are passed through. `device` defaults to the first device (a mesh here is
   always of one platform).
   """
+  device = device or jax.devices()[0]
+  if attention_impl == 'cudnn' and device.platform != 'gpu':
+    raise UserError(f'attention_impl=cudnn needs a CUDA GPU, but this runs on '
+                    f'{device.platform}; use attention_impl=auto (cuDNN where it runs) or xla')
   if attention_impl != 'auto':
     return attention_impl
-  device = device or jax.devices()[0]
   capability = getattr(device, 'compute_capability', None)  # '9.0' on CUDA; absent elsewhere.
   try:
     major_minor = tuple(int(part) for part in str(capability).split('.')[:2])
