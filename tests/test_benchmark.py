@@ -142,3 +142,18 @@ def test_peak_flops_table():
   assert flops.mfu(1e12, 1.0, types.SimpleNamespace(device_kind='NVIDIA H100 80GB HBM3')) \
       == pytest.approx(1e12 / 989e12)
   assert flops.mfu(1e12, 1.0, types.SimpleNamespace(device_kind='cpu')) is None
+
+
+@pytest.mark.slow
+def test_benchmark_steps_need_no_tensorflow():
+  # The GPU machines' image has jax, flax, optax and orbax but no TensorFlow or tfds, and has no
+  # network to fetch them: timing the steps (--skip_data) must not import either.
+  blocked_run = ('import runpy, sys\n'
+                 'sys.modules.update(tensorflow=None, tensorflow_datasets=None)\n'
+                 'sys.argv[0] = "vit_jax.benchmark"\n'
+                 'runpy.run_module("vit_jax.benchmark", run_name="__main__", alter_sys=True)\n')
+  result = run_python(['-c', blocked_run, '--config', 'configs/quickstart.py', '--skip_data',
+                       *TINY, '--steps', '1', '--repeats', '1', '--warmup', '0'])
+  assert result.returncode == 0, result.stderr[-2000:]
+  figures = json.loads(result.stdout.strip().splitlines()[-1])
+  assert figures['train_step_ms'] > 0 and figures['data_img_per_sec'] is None
