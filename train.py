@@ -133,6 +133,8 @@ def main(argv):
   config = _CONFIG.value
   workdir = _WORKDIR.value or default_workdir(_config_argument(argv))
   print(f'workdir: {workdir}', flush=True)
+  from vit_jax import build  # After flag parsing, as below.
+  build.apply_xla_flags(config)  # Before anything starts the backend, which reads them once.
   initialize_distributed()
   from vit_jax import trainer  # Imported after flag parsing: a typo should fail in a second.
   trainer.train_and_evaluate(config, workdir, stop_at_step=_STOP_AT_STEP.value,

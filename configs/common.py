@@ -39,6 +39,9 @@ def get_config():
   """The defaults; not meant to be trained as it is."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # Appended to the XLA_FLAGS environment variable before the backend starts (train.py and the
+  # benchmark), e.g. '--xla_gpu_enable_latency_hiding_scheduler=true'; '' adds none.
+  config.xla_flags = ''
 
   # Model: a name for `vit_jax.models.create_model`, and keyword overrides passed to it.
   config.model_name = 'ViT-B/16'

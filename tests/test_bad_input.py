@@ -156,6 +156,8 @@ CASES = {
     'cudnn_attention_without_gpu': Case(
         QUICKSTART + ['--config.model.attention_impl=cudnn', '--config.model.dtype=bfloat16'],
         ('attention_impl=cudnn needs a cuda gpu', 'cpu')),
+    'xla_flags_not_flags': Case(QUICKSTART + ['--config.xla_flags=fast_math'],
+                                ("xla_flags: 'fast_math' is not an xla flag",)),
     'unknown_dtype': Case(QUICKSTART + ['--config.model.dtype=float8'],
                           ('dtype', 'float8', 'bfloat16')),
     'batch_not_divisible_by_devices': Case(

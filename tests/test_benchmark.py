@@ -10,7 +10,7 @@ from conftest import run_python
 
 from configs import quickstart
 from configs import vit as vit_config
-from vit_jax import benchmark, flops, models
+from vit_jax import benchmark, build, flops, models
 from vit_jax.errors import UserError
 
 REQUIRED_KEYS = ('device', 'compile_s', 'train_step_ms', 'train_img_per_sec', 'eval_img_per_sec',
@@ -152,8 +152,29 @@ def test_benchmark_steps_need_no_tensorflow():
                  'sys.modules.update(tensorflow=None, tensorflow_datasets=None)\n'
                  'sys.argv[0] = "vit_jax.benchmark"\n'
                  'runpy.run_module("vit_jax.benchmark", run_name="__main__", alter_sys=True)\n')
+  # config.xla_flags reaches XLA before its backend starts: here it makes two CPU devices.
   result = run_python(['-c', blocked_run, '--config', 'configs/quickstart.py', '--skip_data',
-                       *TINY, '--steps', '1', '--repeats', '1', '--warmup', '0'])
+                       *TINY, '--steps', '1', '--repeats', '1', '--warmup', '0',
+                       '--config.xla_flags=--xla_force_host_platform_device_count=2'])
   assert result.returncode == 0, result.stderr[-2000:]
   figures = json.loads(result.stdout.strip().splitlines()[-1])
   assert figures['train_step_ms'] > 0 and figures['data_img_per_sec'] is None
+  assert figures['device_count'] == 2
+  assert figures['xla_flags'].endswith('--xla_force_host_platform_device_count=2')
+
+
+def test_xla_flags_join_the_environment_s_and_refuse_non_flags():
+  config = quickstart.get_config()
+  with config.unlocked():
+    config.xla_flags = '--xla_b=true  --xla_c'
+  environ = {'XLA_FLAGS': '--xla_a=1'}
+  assert build.apply_xla_flags(config, environ) == '--xla_a=1 --xla_b=true --xla_c'
+  assert environ['XLA_FLAGS'] == '--xla_a=1 --xla_b=true --xla_c'
+  with config.unlocked():
+    config.xla_flags = ''
+  untouched = {}
+  assert build.apply_xla_flags(config, untouched) == '' and 'XLA_FLAGS' not in untouched
+  with config.unlocked():
+    config.xla_flags = '--xla_b=true latency_hiding'
+  with pytest.raises(UserError, match="'latency_hiding' is not an XLA flag"):
+    build.apply_xla_flags(config, {})

@@ -279,6 +279,8 @@ def format_table(results):
 
 def main(argv):
   config, options = parse_flags(argv)
+  from vit_jax import build
+  build.apply_xla_flags(config)  # Before the backend starts: XLA reads XLA_FLAGS once.
   results = run(config, **options)
   print(format_table(results))
   print(json.dumps(results), flush=True)

@@ -59,27 +59,27 @@ BASE_ARGS = (
     '--config.data.host_image_size=224', '--config.model.dtype=bfloat16',
     '--config.batch_size=256', '--skip_data', '--num_classes', '1000')
 
-# (name, benchmark args added to BASE_ARGS, environment added to the inherited one).
+# (name, benchmark args added to BASE_ARGS).
 VARIANTS = (
-    ('baseline', (), {}),
-    ('attention=xla', ('--config.model.attention_impl=xla',), {}),
-    ('attention=cudnn', ('--config.model.attention_impl=cudnn',), {}),
-    ('dtype=float32', ('--config.model.dtype=float32',), {}),
-    ('remat=dots', ('--config.model.remat_policy=dots',), {}),
-    ('remat=dots_no_batch', ('--config.model.remat_policy=dots_no_batch',), {}),
-    ('remat=full', ('--config.model.remat_policy=full',), {}),
-    ('scan', ('--config.model.scan=True',), {}),
-    ('batch=128', ('--config.batch_size=128',), {}),
-    ('batch=512', ('--config.batch_size=512',), {}),
-    ('batch=1024', ('--config.batch_size=1024',), {}),
+    ('baseline', ()),
+    ('attention=xla', ('--config.model.attention_impl=xla',)),
+    ('attention=cudnn', ('--config.model.attention_impl=cudnn',)),
+    ('dtype=float32', ('--config.model.dtype=float32',)),
+    ('remat=dots', ('--config.model.remat_policy=dots',)),
+    ('remat=dots_no_batch', ('--config.model.remat_policy=dots_no_batch',)),
+    ('remat=full', ('--config.model.remat_policy=full',)),
+    ('scan', ('--config.model.scan=True',)),
+    ('batch=128', ('--config.batch_size=128',)),
+    ('batch=512', ('--config.batch_size=512',)),
+    ('batch=1024', ('--config.batch_size=1024',)),
     # '+', not ',': --only is split on commas.
-    ('batch=1024+remat=dots', ('--config.batch_size=1024', '--config.model.remat_policy=dots'),
-     {}),
-    ('eval_batch=1024', ('--config.eval_batch_size=1024',), {}),
+    ('batch=1024+remat=dots', ('--config.batch_size=1024', '--config.model.remat_policy=dots')),
+    ('eval_batch=1024', ('--config.eval_batch_size=1024',)),
     # The host ships 32 px and the step resizes to 224 px on the device.
-    ('host_size=32', ('--config.data.host_image_size=32',), {}),
-    ('xla:latency_hiding', (), {'XLA_FLAGS': '--xla_gpu_enable_latency_hiding_scheduler=true'}),
-    ('xla:no_triton_gemm', (), {'XLA_FLAGS': '--xla_gpu_enable_triton_gemm=false'}),
+    ('host_size=32', ('--config.data.host_image_size=32',)),
+    # config.xla_flags joins XLA_FLAGS before the backend starts (GPU flags: candidates only).
+    ('xla:latency_hiding', ('--config.xla_flags=--xla_gpu_enable_latency_hiding_scheduler=true',)),
+    ('xla:no_triton_gemm', ('--config.xla_flags=--xla_gpu_enable_triton_gemm=false',)),
 )
 
 _MAX_ERROR_CHARS = 500
@@ -94,7 +94,7 @@ def select_variants(only=None):
   if only is None:
     return list(VARIANTS)
   wanted = [name.strip() for name in only.split(',') if name.strip()]
-  valid = [name for name, _, _ in VARIANTS]
+  valid = [name for name, _ in VARIANTS]
   unknown = [name for name in wanted if name not in valid]
   if unknown or not wanted:
     raise UserError(f'unknown variant {unknown[0] if unknown else only!r} in --only; valid: '
@@ -107,16 +107,6 @@ def benchmark_args(variant_args, extra_args=()):
   return [*BASE_ARGS, *variant_args, *extra_args]
 
 
-def variant_environment(variant_env, base_env=None):
-  """The inherited environment plus the variant's; XLA_FLAGS are joined, the variant's last."""
-  env = dict(os.environ if base_env is None else base_env)
-  for key, value in variant_env.items():
-    if key == 'XLA_FLAGS' and env.get(key):
-      value = f'{env[key]} {value}'
-    env[key] = value
-  return env
-
-
 def failure_reason(stderr, returncode):
   """One line saying why a benchmark run failed, from its stderr (its last error-like line)."""
   lines = [line.strip() for line in (stderr or '').splitlines() if line.strip()]
@@ -125,7 +115,7 @@ def failure_reason(stderr, returncode):
   return reason[:_MAX_ERROR_CHARS]
 
 
-def make_row(name, args, env, wall_s, returncode=None, stdout='', stderr='', error=None):
+def make_row(name, args, wall_s, returncode=None, stdout='', stderr='', error=None):
   """The JSONL row of one run: the benchmark's JSON, or an "error" when it failed.
 
   `error` is given for a run that did not finish (a timeout); otherwise the run failed when it
@@ -148,24 +138,21 @@ def make_row(name, args, env, wall_s, returncode=None, stdout='', stderr='', err
   else:
     row['error'] = error
   row['args'] = list(args)
-  if env:
-    row['env'] = dict(env)
   row['wall_s'] = round(wall_s, 1)
   return row
 
 
-def run_variant(name, variant_args, variant_env, extra_args=(), timeout=600):
+def run_variant(name, variant_args, extra_args=(), timeout=600):
   """Runs one variant's benchmark in a subprocess from the repository root; returns its row."""
   args = benchmark_args(variant_args, extra_args)
   start = time.perf_counter()
   try:
     result = subprocess.run([sys.executable, '-m', 'vit_jax.benchmark', *args], cwd=REPO_ROOT,
-                            env=variant_environment(variant_env), capture_output=True,
-                            text=True, timeout=timeout, check=False)
+                            capture_output=True, text=True, timeout=timeout, check=False)
   except subprocess.TimeoutExpired:  # subprocess.run has killed it.
-    return make_row(name, args, variant_env, time.perf_counter() - start,
+    return make_row(name, args, time.perf_counter() - start,
                     error=f'timed out after {timeout:g} s')
-  return make_row(name, args, variant_env, time.perf_counter() - start, result.returncode,
+  return make_row(name, args, time.perf_counter() - start, result.returncode,
                   result.stdout, result.stderr)
 
 
@@ -193,16 +180,16 @@ def run_sweep(variants, out_path, extra_args=(), timeout=600, skip_done=False, b
   """Runs each variant, appending its row to `out_path` as it ends; returns the new rows."""
   done = {row['variant'] for row in read_rows(out_path) if 'error' not in row}
   todo = [variant for variant in variants if not (skip_done and variant[0] in done)]
-  for name, _, _ in variants:
+  for name, _ in variants:
     if skip_done and name in done:
       print(f'{name}: done already, skipped', file=sys.stderr)
   start, new_rows = time.perf_counter(), []
-  for index, (name, variant_args, variant_env) in enumerate(todo):
+  for index, (name, variant_args) in enumerate(todo):
     if budget is not None and time.perf_counter() - start >= budget:
-      left = ', '.join(name for name, _, _ in todo[index:])
+      left = ', '.join(name for name, _ in todo[index:])
       print(f'budget of {budget:g} s spent; not run: {left}', file=sys.stderr)
       break
-    row = run_variant(name, variant_args, variant_env, extra_args, timeout)
+    row = run_variant(name, variant_args, extra_args, timeout)
     with open(out_path, 'a') as f:
       f.write(json.dumps(row) + '\n')
     new_rows.append(row)
@@ -281,14 +268,12 @@ def _versus(row, baseline):
 
 
 def format_list(variants=VARIANTS, extra_args=()):
-  """The variants, one a line: name, the args it adds and its environment."""
+  """The variants, one a line: name and the args it adds."""
   lines = [f'every variant runs: python -m vit_jax.benchmark {" ".join(BASE_ARGS)} <its args>'
            + (f' {" ".join(extra_args)}' if extra_args else '')]
-  width = max(len(name) for name, _, _ in variants)
-  for name, variant_args, variant_env in variants:
-    env = ' '.join(f'{key}={value}' for key, value in variant_env.items())
-    lines.append(f'{name:<{width}}  {" ".join(variant_args) or "(nothing added)"}'
-                 + (f'  [env {env}]' if env else ''))
+  width = max(len(name) for name, _ in variants)
+  for name, variant_args in variants:
+    lines.append(f'{name:<{width}}  {" ".join(variant_args) or "(nothing added)"}')
   return '\n'.join(lines)
 
 

@@ -5,6 +5,8 @@ model and the same steps (sharded the same way, the state donated the same way).
 """
 
 import functools
+import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,30 @@ import jax.numpy as jnp
 from vit_jax import models
 from vit_jax import sharding
 from vit_jax import step as step_lib
+from vit_jax.errors import UserError
+
+
+_XLA_FLAG = re.compile(r'--\w+(=\S*)?')
+
+
+def apply_xla_flags(config, environ=None):
+  """Appends `config.xla_flags` to XLA_FLAGS in `environ` (default os.environ); returns them.
+
+  XLA reads XLA_FLAGS once, when the first backend starts, so the command-line tools call this
+  right after parsing their flags, before anything touches a device (in a notebook whose jax has
+  already started, it changes nothing). The environment's flags stay first and the config's come
+  last, and a flag given twice takes its last value. A token that is not `--name[=value]` is a
+  UserError; a well-formed name XLA does not know stops XLA itself when the backend starts.
+  """
+  environ = os.environ if environ is None else environ
+  added = config.get('xla_flags', '') or ''
+  for token in added.split():
+    if not _XLA_FLAG.fullmatch(token):
+      raise UserError(f'xla_flags: {token!r} is not an XLA flag; write --name=value, '
+                      f'e.g. --xla_gpu_enable_latency_hiding_scheduler=true')
+  if added.split():
+    environ['XLA_FLAGS'] = ' '.join([environ.get('XLA_FLAGS', ''), *added.split()]).strip()
+  return environ.get('XLA_FLAGS', '')
 
 
 def model_from_config(config, num_classes, **extra_overrides):

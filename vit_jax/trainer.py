@@ -34,7 +34,7 @@ from vit_jax.errors import UserError
 # logged or kept, never what is computed.
 RESUMABLE_CHANGES = (
     'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints', 'plot_every_eval',
-    'data.prefetch_batches', 'data.data_dir', 'data.download', 'pretrained.url',
+    'data.prefetch_batches', 'data.data_dir', 'data.download', 'pretrained.url', 'xla_flags',
 )
 
 
