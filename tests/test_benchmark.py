@@ -10,7 +10,7 @@ from conftest import run_python
 
 from configs import quickstart
 from configs import vit as vit_config
-from vit_jax import benchmark, build, flops, models
+from vit_jax import benchmark, build, flops, memory, models
 from vit_jax.errors import UserError
 
 REQUIRED_KEYS = ('device', 'compile_s', 'train_step_ms', 'train_img_per_sec', 'eval_img_per_sec',
@@ -43,7 +43,9 @@ def test_benchmark_cli_prints_every_figure_as_json_last():
 
 def test_bad_flags_are_one_line_errors():
   for bad, named in ((['--steps', '0'], '--steps=0'),
-                     (['--config.model.hiden_size=3'], 'hiden_size')):
+                     (['--config.model.hiden_size=3'], 'hiden_size'),
+                     (['--max_batch', '--skip_data'], 'reports no memory limit'),
+                     (['--memory_limit_gib', '4'], 'needs --max_batch')):
     result = run_python(['-m', 'vit_jax.benchmark', '--config', 'configs/quickstart.py', *bad])
     assert result.returncode == 2
     assert result.stderr.strip().startswith('error:') and named in result.stderr
@@ -178,3 +180,36 @@ def test_xla_flags_join_the_environment_s_and_refuse_non_flags():
     config.xla_flags = '--xla_b=true latency_hiding'
   with pytest.raises(UserError, match="'latency_hiding' is not an XLA flag"):
     build.apply_xla_flags(config, {})
+
+
+def test_largest_fitting_batch_doubles_or_halves_to_the_last_that_fits():
+  plan = lambda batch: 1_000 + 10 * batch  # bytes: state + activations growing with the batch
+  batch, tried = memory.largest_fitting_batch(plan, limit_bytes=3_600, start=32, multiple=8,
+                                              ceiling=1024)
+  assert batch == 256  # 1,000 + 2,560 fits; 512 would need 6,120.
+  assert [entry[0] for entry in tried] == [32, 64, 128, 256, 512]
+  assert [entry[2] for entry in tried] == [True, True, True, True, False]
+  batch, tried = memory.largest_fitting_batch(plan, limit_bytes=1_500, start=256, multiple=8,
+                                              ceiling=1024)
+  assert batch == 32 and [entry[0] for entry in tried] == [256, 128, 64, 32]
+  assert memory.largest_fitting_batch(plan, 2_000, 64, 8, ceiling=64)[0] == 64  # The ceiling.
+  assert memory.largest_fitting_batch(plan, 1_050, 64, 8, ceiling=1024)[0] is None
+  with pytest.raises(UserError, match='multiple of 8'):
+    memory.largest_fitting_batch(plan, 1_500, 12, 8, ceiling=1024)
+
+
+def test_max_batch_finds_the_largest_batch_whose_train_step_plan_fits():
+  config = quickstart.get_config()
+  with config.unlocked():
+    config.model.update(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
+    config.batch_size = 8
+  plan_16 = memory.train_step_plan_bytes(config, 10, 16)
+  plan_32 = memory.train_step_plan_bytes(config, 10, 32)
+  assert plan_16 < plan_32  # Activations grow with the batch.
+  figures = benchmark.run(config, num_classes=10, steps=1, repeats=1, warmup=0, skip_data=True,
+                          max_batch=True, memory_limit_gib=(plan_16 + plan_32) / 2 / 2**30)
+  assert figures['max_batch_size'] == 16 and figures['batch_size'] == 16
+  assert [entry[0] for entry in figures['max_batch_search']] == [8, 16, 32]
+  assert figures['max_batch_search'][1][1] == plan_16
+  assert figures['train_img_per_sec'] == pytest.approx(16 / figures['train_step_ms'] * 1e3)
+  assert config.batch_size == 8  # The caller's config is left as it was.

@@ -61,7 +61,7 @@ def test_skip_done_runs_nothing_already_done(tmp_path, monkeypatch):
   assert result.returncode == 0, result.stderr
   assert 'baseline: done already, skipped' in result.stderr
   assert len(_rows(out)) == 2  # Nothing appended.
-  assert '| baseline | 10.0 | 100 |' in result.stdout
+  assert '| baseline | n/a | 10.0 | 100 |' in result.stdout
   # A variant whose only row is an error is not done: it is run again.
   ran = []
   monkeypatch.setattr(benchmark_sweep, 'run_variant',
@@ -125,7 +125,7 @@ def test_bad_only_name_is_a_one_line_error(tmp_path):
 def test_table_compares_with_the_baseline_and_shows_errors():
   gib = 2 ** 30
   common = dict(device='NVIDIA H100 80GB HBM3', device_count=1, jax_version='0.10.2',
-                date='2026-01-02', eval_img_per_sec=3000.0, compile_s=12.34, eval_mfu=0.5)
+                date='2026-01-02', batch_size=256, eval_img_per_sec=3000.0, compile_s=12.34, eval_mfu=0.5)
   rows = [
       dict(variant='batch=1024', error='RESOURCE_EXHAUSTED: Out of memory | 80 GiB'),
       dict(common, variant='baseline', train_step_ms=250.0, train_img_per_sec=1000.0,
@@ -135,7 +135,7 @@ def test_table_compares_with_the_baseline_and_shows_errors():
       dict(common, variant='dtype=float32', train_step_ms=500.0, train_img_per_sec=500.0,
            train_mfu=0.2, peak_memory_bytes=30 * gib),
       # A later success replaces the variant's earlier error; a later error no earlier success.
-      dict(common, variant='batch=1024', train_step_ms=900.0, train_img_per_sec=1138.0,
+      dict(common, variant='batch=1024', batch_size=1024, train_step_ms=900.0, train_img_per_sec=1138.0,
            train_mfu=0.5, peak_memory_bytes=70 * gib),
       dict(variant='scan', error='timed out after 600 s'),
   ]
@@ -143,10 +143,11 @@ def test_table_compares_with_the_baseline_and_shows_errors():
   assert lines[0] == 'device: 1 x NVIDIA H100 80GB HBM3, jax 0.10.2, date 2026-01-02'
   table = {line.split(' | ')[0].lstrip('| '): line for line in lines[4:]}
   assert list(table) == ['batch=1024', 'baseline', 'scan', 'dtype=float32']
-  assert table['baseline'] == ('| baseline | 250.0 | 1,000 | 41.2% | 3,000 | 50.0% | 20 | 12.3 |'
+  assert table['baseline'] == ('| baseline | 256 | 250.0 | 1,000 | 41.2% | 3,000 | 50.0% | 20 | 12.3 |'
                                '  |')
   assert table['scan'].endswith('| n/a | 3,000 | n/a | n/a | 12.3 | +12.3% |')
   assert table['dtype=float32'].endswith('| -50.0% |')
+  assert table['batch=1024'].startswith('| batch=1024 | 1,024 | 900.0 |')
   assert table['batch=1024'].endswith('| 70 | 12.3 | +13.8% |')
   # No baseline row: no comparison; an error row shows its error, a pipe in it escaped.
   lines = benchmark_sweep.format_table(rows[2:3] + rows[:1]).splitlines()
@@ -165,7 +166,7 @@ def test_table_and_list_commands(tmp_path):
   listed = run_python(['-m', 'vit_jax.benchmark_sweep', '--list'])
   assert listed.returncode == 0
   names = [name for name, _ in benchmark_sweep.VARIANTS]
-  assert len(names) == len(set(names)) == 16 and not any(',' in name for name in names)
+  assert len(names) == len(set(names)) == 18 and not any(',' in name for name in names)
   for name in names:
     assert any(line.startswith(name + ' ') for line in listed.stdout.splitlines()), name
   assert '--config.model.remat_policy=dots_no_batch' in listed.stdout

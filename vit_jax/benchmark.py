@@ -50,7 +50,13 @@ def parse_flags(argv):
       skip_data=flags.DEFINE_bool('skip_data', False, 'Do not time the input pipeline.'),
       data_only=flags.DEFINE_bool('data_only', False,
                                   'Time the input pipeline alone (a host with no accelerator).'),
-      data_batches=flags.DEFINE_integer('data_batches', 20, 'Host batches timed.'))
+      data_batches=flags.DEFINE_integer('data_batches', 20, 'Host batches timed.'),
+      max_batch=flags.DEFINE_bool(
+          'max_batch', False, 'Find the largest batch (batch_size times a power of two) whose '
+          "train step fits the device's memory, per XLA's plan, and time that batch."),
+      memory_limit_gib=flags.DEFINE_float(
+          'memory_limit_gib', None, 'Memory per device for --max_batch; default: 95%% of what '
+          'the device reports (CPU reports none).'))
   try:
     flags.FLAGS(argv)
     config = config_flag.value  # Loads the file and applies the overrides.
@@ -65,6 +71,10 @@ def parse_flags(argv):
   for name, least in (('steps', 1), ('repeats', 1), ('warmup', 0), ('data_batches', 1)):
     if options[name] < least:
       raise UserError(f'--{name}={options[name]} must be >= {least}')
+  if options['memory_limit_gib'] is not None and (not options['max_batch']
+                                                  or options['memory_limit_gib'] <= 0):
+    raise UserError(f'--memory_limit_gib={options["memory_limit_gib"]} needs --max_batch and '
+                    f'a positive size')
   return config, options
 
 
@@ -171,18 +181,45 @@ def benchmark_steps(config, num_classes, steps, repeats, warmup):
 def _peak_memory(compiled_train):
   """(bytes, where from): the allocator's peak where the backend keeps one, else XLA's plan."""
   import jax
+  from vit_jax import memory
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
     return int(stats['peak_bytes_in_use']), 'device allocator peak'
-  try:
-    plan = compiled_train.memory_analysis()
-  except Exception:  # pylint: disable=broad-except  # Not every backend implements it.
-    plan = None
-  if plan is None:
-    return None, None
-  total = (plan.argument_size_in_bytes + plan.output_size_in_bytes
-           - plan.alias_size_in_bytes + plan.temp_size_in_bytes)
-  return int(total), 'XLA memory plan of the train step'
+  planned = memory.plan_bytes(compiled_train)
+  return (None, None) if planned is None else (planned, 'XLA memory plan of the train step')
+
+
+# XLA's plan leaves out what the runtime adds (cuDNN workspaces, fragmentation): keep 5% free.
+MEMORY_HEADROOM = 0.95
+MAX_BATCH_CEILING = 65536  # Where the doubling stops, whatever the memory.
+
+
+def find_max_batch(config, num_classes, memory_limit_gib=None):
+  """The largest power-of-two multiple of config.batch_size whose train step fits the device.
+
+  Returns the figures for the JSON line. The limit is `memory_limit_gib` when given, else 95%
+  of what the device's allocator may use; a device that reports no limit (CPU) needs the flag.
+  """
+  import jax
+  from vit_jax import memory
+  if memory_limit_gib is not None:
+    limit = int(memory_limit_gib * 2**30)
+  else:
+    reported = memory.device_memory_limit()
+    if reported is None:
+      raise UserError(f'{jax.devices()[0].platform} reports no memory limit; '
+                      f'give --max_batch one with --memory_limit_gib')
+    limit = int(MEMORY_HEADROOM * reported)
+  found, tried = memory.largest_fitting_batch(
+      lambda batch: memory.train_step_plan_bytes(config, num_classes, batch), limit,
+      start=config.batch_size, multiple=jax.device_count() * config.accum_steps,
+      ceiling=MAX_BATCH_CEILING)
+  if found is None:
+    raise UserError(f'no batch fits in {limit / 2**30:.2f} GiB: batch '
+                    f'{tried[-1][0]} plans {tried[-1][1] / 2**30:.2f} GiB per device')
+  return {'max_batch_size': found, 'memory_limit_bytes': limit,
+          'max_batch_search': [list(entry) for entry in tried]}
+
 
 
 STEP_KEYS = (
@@ -193,10 +230,12 @@ STEP_KEYS = (
 
 
 def run(config, *, num_classes=None, steps=10, repeats=3, warmup=2, skip_data=False,
-        data_only=False, data_batches=20):
+        data_only=False, data_batches=20, max_batch=False, memory_limit_gib=None):
   """All the figures as one dict (the JSON line); `None` where a figure is not available."""
   if data_only and skip_data:
     raise UserError('--data_only and --skip_data leave nothing to time; pass one of them')
+  if data_only and max_batch:
+    raise UserError('--max_batch searches the train step, which --data_only does not run')
   import flax
   import jax
   import jaxlib
@@ -206,6 +245,12 @@ def run(config, *, num_classes=None, steps=10, repeats=3, warmup=2, skip_data=Fa
   if not skip_data:
     data_img_per_sec, data_classes, data_error = measure_data(config, data_batches)
   num_classes = num_classes or data_classes or DEFAULT_NUM_CLASSES
+  search = {}
+  if max_batch:
+    search = find_max_batch(config, num_classes, memory_limit_gib)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.batch_size = search['max_batch_size']
   device = jax.devices()[0]
   results = {
       'date': time.strftime('%Y-%m-%d'),
@@ -231,6 +276,7 @@ def run(config, *, num_classes=None, steps=10, repeats=3, warmup=2, skip_data=Fa
     results.update(dict.fromkeys(STEP_KEYS))
   else:
     results.update(benchmark_steps(config, num_classes, steps, repeats, warmup))
+  results.update(search)
   results['data_img_per_sec'] = data_img_per_sec
   results['data_error'] = data_error
   return results
@@ -272,6 +318,11 @@ def format_table(results):
         ('peak memory', _fmt(r['peak_memory_bytes'], ' GiB', 2 ** 30)
          + (f' ({r["peak_memory_source"]})' if r['peak_memory_source'] else '')),
     ]
+  if r.get('max_batch_size'):
+    rows.append(('largest batch that fits', f'{r["max_batch_size"]} (XLA plan within '
+                 f'{r["memory_limit_bytes"] / 2**30:.2f} GiB per device; tried '
+                 + ', '.join(f'{batch}: {planned / 2**30:.3g} GiB' + ('' if fits else ' (too big)')
+                             for batch, planned, fits in r['max_batch_search']) + ')'))
   rows.append(('input pipeline', f'{data} on {os.cpu_count()} host cores'))
   width = max(len(name) for name, _ in rows)
   return '\n'.join(f'{name:<{width}}  {value}' for name, value in rows)

@@ -27,7 +27,7 @@ writes its own file; join them back here and re-print the table:
       --only baseline,attention=xla,attention=cudnn,dtype=float32,remat=dots,remat=dots_no_batch,remat=full,scan
   # device call 2 (the baseline again: each file then has one from the same machine)
   python -m vit_jax.benchmark_sweep --out $OUT/sweep2.jsonl --budget 420 --timeout 300 \
-      --only baseline,batch=128,batch=512,batch=1024,batch=1024+remat=dots,eval_batch=1024,host_size=32,xla:latency_hiding,xla:no_triton_gemm
+      --only baseline,batch=128,batch=512,batch=1024,batch=1024+remat=dots,max_batch,max_batch+remat=dots,eval_batch=1024,host_size=32,xla:latency_hiding,xla:no_triton_gemm
   # back here
   cat sweep1.jsonl sweep2.jsonl > sweep.jsonl && python -m vit_jax.benchmark_sweep --table sweep.jsonl
 
@@ -74,6 +74,9 @@ VARIANTS = (
     ('batch=1024', ('--config.batch_size=1024',)),
     # '+', not ',': --only is split on commas.
     ('batch=1024+remat=dots', ('--config.batch_size=1024', '--config.model.remat_policy=dots')),
+    # The largest batch_size·2^k whose train step XLA plans within 95% of the device memory.
+    ('max_batch', ('--max_batch',)),
+    ('max_batch+remat=dots', ('--max_batch', '--config.model.remat_policy=dots')),
     ('eval_batch=1024', ('--config.eval_batch_size=1024',)),
     # The host ships 32 px and the step resizes to 224 px on the device.
     ('host_size=32', ('--config.data.host_image_size=32',)),
@@ -201,7 +204,7 @@ def run_sweep(variants, out_path, extra_args=(), timeout=600, skip_done=False, b
 
 # ------------------------------------------------------------------ the table
 
-TABLE_COLUMNS = ('variant', 'train ms/step', 'train img/s', 'train MFU', 'eval img/s', 'eval MFU',
+TABLE_COLUMNS = ('variant', 'batch', 'train ms/step', 'train img/s', 'train MFU', 'eval img/s', 'eval MFU',
                  'peak memory GiB', 'compile s', 'train img/s vs baseline')
 
 
@@ -244,6 +247,7 @@ def format_table(rows):
       memory = row.get('peak_memory_bytes')
       cells = [
           row['variant'],
+          _number(row.get('batch_size'), ',d'),
           _number(row.get('train_step_ms'), '.1f'),
           _number(row.get('train_img_per_sec'), ',.0f'),
           _number(row.get('train_mfu'), '.1%'),
