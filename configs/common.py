@@ -39,6 +39,10 @@ def get_config():
   """The defaults; not meant to be trained as it is."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # The random-bit generator of init, dropout, drop-path and mixup: threefry2x32 (jax's default,
+  # the same bits on every backend) | rbg | unsafe_rbg (the hardware generator: far fewer
+  # operations per random bit on GPU/TPU; a different stream, so a run resumes only with its own).
+  config.prng_impl = 'threefry2x32'
   # Appended to the XLA_FLAGS environment variable before the backend starts (train.py and the
   # benchmark), e.g. '--xla_gpu_enable_latency_hiding_scheduler=true'; '' adds none.
   config.xla_flags = ''

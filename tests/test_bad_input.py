@@ -156,6 +156,8 @@ CASES = {
     'cudnn_attention_without_gpu': Case(
         QUICKSTART + ['--config.model.attention_impl=cudnn', '--config.model.dtype=bfloat16'],
         ('attention_impl=cudnn needs a cuda gpu', 'cpu')),
+    'unknown_prng_impl': Case(QUICKSTART + ['--config.prng_impl=mt19937'],
+                              ("prng_impl='mt19937'", 'unsafe_rbg')),
     'xla_flags_not_flags': Case(QUICKSTART + ['--config.xla_flags=fast_math'],
                                 ("xla_flags: 'fast_math' is not an xla flag",)),
     'unknown_dtype': Case(QUICKSTART + ['--config.model.dtype=float8'],

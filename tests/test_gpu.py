@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import train_losses_on_one_batch
+
 from configs import quickstart
-from vit_jax import benchmark, build, flops, models, optim, sharding
+from vit_jax import benchmark, flops, models
 from vit_jax.models import vit
 
 ON_GPU = jax.default_backend() == 'gpu'
@@ -99,31 +101,13 @@ def test_bf16_vit_logits_track_float32(implementation):
   assert 1e-4 < _relative_error(logits, reference) < 3e-2  # bf16 did run, and stayed close.
 
 
-def _train_losses(dtype, steps=5):
-  """Losses of the trainer's own jitted train step on one fixed batch, from one init."""
+def _train_losses(dtype):
   config = quickstart.get_config()
   with config.unlocked():
     config.model.dtype = dtype
     config.schedule.warmup_steps = 0
     config.batch_size = 32
-  num_classes = 10
-  mesh = sharding.create_mesh(config.mesh)
-  model = build.model_from_config(config, num_classes)
-  tx, schedule = optim.create_optimizer(config)
-  init_state, _, state_shardings = build.state_initializer(config, model, tx, mesh)
-  state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(0))
-  train_fn, _ = build.step_functions(config, model, tx, schedule, num_classes, mesh,
-                                     state_shardings)
-  rng = np.random.default_rng(0)
-  host_size = config.data.host_image_size or config.image_size
-  batch = sharding.global_batch(
-      {'images': rng.integers(0, 256, (config.batch_size, host_size, host_size, 3), np.uint8),
-       'labels': rng.integers(0, num_classes, (config.batch_size,), np.int32)}, mesh)
-  losses = []
-  for _ in range(steps):
-    state, metrics = train_fn(state, batch)
-    losses.append(float(metrics['train_loss']))
-  return np.array(losses), int(state.skipped_updates)
+  return train_losses_on_one_batch(config)
 
 
 def test_bf16_training_follows_float32_training():

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_python, run_train
+from conftest import run_python, run_train, train_losses_on_one_batch
+
+from configs import quickstart
 
 # Overrides that turn any ViT config into a tiny, fast one.
 TINY_VIT = ['--config.model_name=ViT-Ti/16', '--config.model.hidden_size=32',
@@ -179,7 +181,6 @@ def test_accum_steps_4_matches_one_4x_batch():
 
 def test_twenty_steps_compile_train_and_eval_once(tmp_path, caplog):
   import logging
-  from configs import quickstart
   from vit_jax import trainer
   config = quickstart.get_config()
   config.total_steps = 20
@@ -198,3 +199,20 @@ def test_twenty_steps_compile_train_and_eval_once(tmp_path, caplog):
               if r.getMessage().startswith('Finished XLA compilation')]
   assert sum('jit(train_step)' in m for m in compiles) == 1, compiles
   assert sum('jit(eval_step)' in m for m in compiles) == 1, compiles
+
+
+@pytest.mark.parametrize('prng_impl', ['rbg', 'unsafe_rbg'])
+def test_prng_impl_drives_init_and_dropout(prng_impl):
+  def losses(impl):
+    config = quickstart.get_config()
+    with config.unlocked():
+      config.model.update(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64,
+                          dropout_rate=0.3, drop_path_rate=0.2)
+      config.batch_size = 16
+      config.schedule.warmup_steps = 0
+      config.prng_impl = impl
+    return train_losses_on_one_batch(config, steps=3)[0]
+  default, other = losses('threefry2x32'), losses(prng_impl)
+  assert np.all(np.isfinite(other))
+  np.testing.assert_array_equal(other, losses(prng_impl))  # Deterministic for its generator,
+  assert not np.allclose(other, default)  # and a different stream from threefry's.

@@ -116,7 +116,8 @@ def benchmark_steps(config, num_classes, steps, repeats, warmup):
   model = build.model_from_config(config, num_classes)
   tx, schedule = optim.create_optimizer(config)
   init_state, _, state_shardings = build.state_initializer(config, model, tx, mesh)
-  state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(config.seed))
+  state = jax.jit(init_state, out_shardings=state_shardings)(
+      jax.random.key(config.seed, impl=config.prng_impl))
 
   # Synthetic uint8 batches at the size the host would deliver, put on the device once.
   host_size = config.data.host_image_size or config.image_size

@@ -24,7 +24,7 @@ writes its own file; join them back here and re-print the table:
 
   # device call 1
   python -m vit_jax.benchmark_sweep --out $OUT/sweep1.jsonl --budget 420 --timeout 300 \
-      --only baseline,attention=xla,attention=cudnn,dtype=float32,remat=dots,remat=dots_no_batch,remat=full,scan
+      --only baseline,attention=xla,attention=cudnn,dtype=float32,remat=dots,remat=dots_no_batch,remat=full,scan,dropout=0.1,dropout=0.1+prng=unsafe_rbg
   # device call 2 (the baseline again: each file then has one from the same machine)
   python -m vit_jax.benchmark_sweep --out $OUT/sweep2.jsonl --budget 420 --timeout 300 \
       --only baseline,batch=128,batch=512,batch=1024,batch=1024+remat=dots,max_batch,max_batch+remat=dots,eval_batch=1024,host_size=32,xla:latency_hiding,xla:no_triton_gemm
@@ -69,6 +69,10 @@ VARIANTS = (
     ('remat=dots_no_batch', ('--config.model.remat_policy=dots_no_batch',)),
     ('remat=full', ('--config.model.remat_policy=full',)),
     ('scan', ('--config.model.scan=True',)),
+    # What dropout's random bits cost, and what the hardware generator saves of it.
+    ('dropout=0.1', ('--config.model.dropout_rate=0.1',)),
+    ('dropout=0.1+prng=unsafe_rbg', ('--config.model.dropout_rate=0.1',
+                                     '--config.prng_impl=unsafe_rbg')),
     ('batch=128', ('--config.batch_size=128',)),
     ('batch=512', ('--config.batch_size=512',)),
     ('batch=1024', ('--config.batch_size=1024',)),

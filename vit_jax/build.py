@@ -70,7 +70,7 @@ def step_functions(config, model, tx, schedule, num_classes, mesh, state_shardin
       image_size=config.image_size, num_classes=num_classes, seed=config.seed,
       accum_steps=config.accum_steps, mixup_alpha=config.aug.mixup_alpha,
       cutmix_alpha=config.aug.cutmix_alpha, label_smoothing=config.aug.label_smoothing,
-      ema_decay=config.optimizer.ema_decay)
+      ema_decay=config.optimizer.ema_decay, prng_impl=config.prng_impl)
   batch_sharding = sharding.batch_sharding(mesh)
   train_fn = jax.jit(
       functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule,

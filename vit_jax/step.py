@@ -39,6 +39,7 @@ class StepSettings:
   cutmix_alpha: float = 0.0
   label_smoothing: float = 0.0
   ema_decay: float = 0.0
+  prng_impl: str = 'threefry2x32'  # jax.random.key's impl: threefry2x32 | rbg | unsafe_rbg
 
 
 def create_train_state(params, tx, ema_decay):
@@ -71,7 +72,8 @@ def train_step(state, batch, *, model, tx, schedule, settings):
   unless the loss or a gradient is non-finite (then the state keeps its params, counts the skip
   and remembers the first such step for the loop to report).
   """
-  step_key = jax.random.fold_in(jax.random.key(settings.seed), state.step)
+  step_key = jax.random.fold_in(jax.random.key(settings.seed, impl=settings.prng_impl),
+                                state.step)
   mix_key, dropout_key = jax.random.split(step_key)
   images = device_data.preprocess(batch['images'], settings.image_size)
   images, targets = device_data.mix(

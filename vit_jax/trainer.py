@@ -30,6 +30,8 @@ from vit_jax import sharding
 from vit_jax import step as step_lib
 from vit_jax.errors import UserError
 
+PRNG_IMPLS = ('threefry2x32', 'rbg', 'unsafe_rbg')
+
 # Keys that may change between a run and its resumption: they change when and how much is
 # logged or kept, never what is computed.
 RESUMABLE_CHANGES = (
@@ -70,6 +72,8 @@ def validate_config(config, device_count):
     raise UserError(f'optimizer.nan_policy={config.optimizer.nan_policy!r}; valid: stop, skip')
   if config.image_size <= 0:
     raise UserError(f'image_size={config.image_size} must be positive')
+  if config.prng_impl not in PRNG_IMPLS:
+    raise UserError(f'prng_impl={config.prng_impl!r}; valid: {", ".join(PRNG_IMPLS)}')
   # The model, optimizer and pretrained settings fail here, before the (slow) data is loaded.
   _validate_model(config)
   optim.create_optimizer(config)
@@ -281,7 +285,7 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
   tx, schedule = optim.create_optimizer(config)
 
   init_state, abstract_state, state_shardings = build.state_initializer(config, model, tx, mesh)
-  init_key = jax.random.key(config.seed)
+  init_key = jax.random.key(config.seed, impl=config.prng_impl)
 
   # The state: resumed from the workdir, else fresh (from a pretrained file when configured).
   # A pretrained file is read before anything is written, so a bad one leaves the workdir as
