@@ -12,7 +12,6 @@ A user's mistake (a misspelt key, a wrong value, a missing data set) prints one 
 with `error:` and exits with status 2, leaving the workdir as it was.
 """
 
-import ast
 import importlib.util
 import os
 import re
@@ -21,6 +20,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from vit_jax import cli
 from vit_jax import errors
 from vit_jax.errors import UserError
 
@@ -46,64 +46,9 @@ def default_workdir(config_arg):
   return os.path.join('workdirs', name)
 
 
-def _config_argument(argv):
-  """The value given to --config (`path[:arg]`)."""
-  for index, arg in enumerate(argv):
-    if arg == '--config' and index + 1 < len(argv):
-      return argv[index + 1]
-    if arg.startswith('--config='):
-      return arg.partition('=')[2]
-  return ''
-
-
-def _unknown_key_message(error, argv):
-  """'unknown config key --config.optimizer.lr ...' from config_flags' AttributeError/KeyError.
-
-  Their text is the missing key in quotes, maybe followed by a 'Did you mean "x"' line.
-  """
-  text = str(error.args[0] if error.args else error)
-  for _ in range(2):  # The text may come quoted, even twice (a KeyError's repr in a message).
-    try:
-      text = str(ast.literal_eval(text))
-    except (ValueError, SyntaxError):
-      break
-  lines = text.strip().splitlines() or ['?']
-  key = lines[0].strip('\'"')
-  overrides = [arg.partition('=')[0] for arg in argv if arg.startswith('--config.')]
-  named = next((name for name in overrides if name.rsplit('.', 1)[-1] == key), key)
-  guess = re.search(r'did you mean "([^"]+)"', ' '.join(lines[1:]), re.IGNORECASE)
-  hint = f'did you mean {guess.group(1)}? ' if guess else ''
-  return f'unknown config key {named} ({hint}every key is declared in configs/common.py)'
-
-
-def _flag_error_message(error):
-  """One line for an absl flag error; a config file's own exception is kept (its last line)."""
-  lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-  if not lines:
-    return type(error).__name__
-  if len(lines) > 1 and any(line.startswith('Traceback') for line in lines):
-    return f'{lines[0]} {lines[-1]}'
-  return lines[0]
-
-
 def parse_flags(argv):
   """Parses flags; a bad flag or config override raises UserError with one line."""
-  config_argument = _config_argument(argv)
-  if not config_argument:
-    raise UserError('--config is required, e.g. python train.py --config configs/quickstart.py')
-  config_path = config_argument.partition(':')[0]
-  if not os.path.isfile(config_path):
-    raise UserError(f'config file {config_path} does not exist (configs are in configs/, e.g. '
-                    'configs/quickstart.py)')
-  try:
-    flags.FLAGS(argv)
-    _CONFIG.value.keys()  # Loads the file and applies the overrides (or raises their error).
-  except (AttributeError, KeyError) as e:
-    raise UserError(_unknown_key_message(e, argv)) from None
-  except (flags.Error, TypeError, ValueError) as e:
-    raise UserError(_flag_error_message(e)) from None
-  except (OSError, ImportError, SyntaxError) as e:
-    raise UserError(f'cannot load config {config_argument}: {_flag_error_message(e)}') from None
+  cli.load_config(argv, _CONFIG, 'python train.py')
   if _STOP_AT_STEP.value is not None and _STOP_AT_STEP.value < 1:
     raise UserError(f'--stop_at_step={_STOP_AT_STEP.value}: must be a step >= 1')
 
@@ -131,7 +76,7 @@ def initialize_distributed():
 def main(argv):
   parse_flags(argv)
   config = _CONFIG.value
-  workdir = _WORKDIR.value or default_workdir(_config_argument(argv))
+  workdir = _WORKDIR.value or default_workdir(cli.config_argument(argv))
   print(f'workdir: {workdir}', flush=True)
   from vit_jax import build  # After flag parsing, as below.
   build.apply_xla_flags(config)  # Before anything starts the backend, which reads them once.

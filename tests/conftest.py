@@ -27,24 +27,14 @@ def run_train(args, env=None, timeout=600):
 def train_losses_on_one_batch(config, steps=5, num_classes=10):
   """(losses, skipped updates) of the trainer's own jitted train step, `steps` times on one
   fixed synthetic batch from one init: how a config's step behaves, without any data set."""
-  import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from vit_jax import build, optim, sharding  # pylint: disable=g-import-not-at-top
-  mesh = sharding.create_mesh(config.mesh)
-  model = build.model_from_config(config, num_classes)
-  tx, schedule = optim.create_optimizer(config)
-  init_state, _, state_shardings = build.state_initializer(config, model, tx, mesh)
-  state = jax.jit(init_state, out_shardings=state_shardings)(
-      jax.random.key(config.seed, impl=config.prng_impl))
-  train_fn, _ = build.step_functions(config, model, tx, schedule, num_classes, mesh,
-                                     state_shardings)
-  rng = np.random.default_rng(0)
-  host_size = config.data.host_image_size or config.image_size
-  batch = sharding.global_batch(
-      {'images': rng.integers(0, 256, (config.batch_size, host_size, host_size, 3), np.uint8),
-       'labels': rng.integers(0, num_classes, (config.batch_size,), np.int32)}, mesh)
+  from vit_jax import benchmark, build  # pylint: disable=g-import-not-at-top
+  run_parts = build.parts(config, num_classes)
+  state = run_parts.new_state()
+  batch = benchmark.synthetic_batch(config, config.batch_size, num_classes, run_parts.mesh,
+                                    np.random.default_rng(0))
   losses = []
   for _ in range(steps):
-    state, metrics = train_fn(state, batch)
+    state, metrics = run_parts.train_fn(state, batch)
     losses.append(float(metrics['train_loss']))
   return np.array(losses), int(state.skipped_updates)

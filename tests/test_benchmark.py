@@ -203,8 +203,8 @@ def test_max_batch_finds_the_largest_batch_whose_train_step_plan_fits():
   with config.unlocked():
     config.model.update(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
     config.batch_size = 8
-  plan_16 = memory.train_step_plan_bytes(config, 10, 16)
-  plan_32 = memory.train_step_plan_bytes(config, 10, 32)
+  plan_for = memory.train_step_planner(config, 10)
+  plan_16, plan_32 = plan_for(16), plan_for(32)
   assert plan_16 < plan_32  # Activations grow with the batch.
   figures = benchmark.run(config, num_classes=10, steps=1, repeats=1, warmup=0, skip_data=True,
                           max_batch=True, memory_limit_gib=(plan_16 + plan_32) / 2 / 2**30)

@@ -21,6 +21,7 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
+from vit_jax import cli
 from vit_jax import errors
 from vit_jax.errors import UserError
 
@@ -36,9 +37,6 @@ def parse_flags(argv):
   The flags are defined here, not at import, so importing this module beside `train.py`
   (which defines its own --config) does not clash in absl's global flag registry.
   """
-  if not any(arg == '--config' or arg.startswith('--config=') for arg in argv):
-    raise UserError('--config is required, e.g. python -m vit_jax.benchmark '
-                    '--config configs/quickstart.py')
   config_flag = config_flags.DEFINE_config_file('config', None, 'Path to a config file[:arg].',
                                                 lock_config=True)
   options = dict(
@@ -57,16 +55,7 @@ def parse_flags(argv):
       memory_limit_gib=flags.DEFINE_float(
           'memory_limit_gib', None, 'Memory per device for --max_batch; default: 95%% of what '
           'the device reports (CPU reports none).'))
-  try:
-    flags.FLAGS(argv)
-    config = config_flag.value  # Loads the file and applies the overrides.
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    message = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    if isinstance(e, (AttributeError, KeyError)):
-      message = f'unknown config key {message} (check the spelling against configs/common.py)'
-    raise UserError(message) from None
-  except (FileNotFoundError, ImportError, SyntaxError) as e:
-    raise UserError(f'cannot load config: {e}') from None
+  config = cli.load_config(argv, config_flag, 'python -m vit_jax.benchmark')
   options = {name: holder.value for name, holder in options.items()}
   for name, least in (('steps', 1), ('repeats', 1), ('warmup', 0), ('data_batches', 1)):
     if options[name] < least:
@@ -104,43 +93,41 @@ def time_calls(call, steps, repeats):
   return statistics.median(per_call)
 
 
+def synthetic_batch(config, size, num_classes, mesh, rng, with_mask=False):
+  """A random global batch of `size` uint8 images at the host size, laid out on `mesh`."""
+  import numpy as np
+  from vit_jax import build, sharding
+  shapes = build.abstract_batch(config, size, with_mask)
+  batch = {'images': rng.integers(0, 256, shapes['images'].shape, np.uint8),
+           'labels': rng.integers(0, num_classes, (size,), np.int32)}
+  if with_mask:
+    batch['mask'] = np.ones((size,), np.float32)
+  return sharding.global_batch(batch, mesh)
+
+
 def benchmark_steps(config, num_classes, steps, repeats, warmup):
   """Compiles and times the trainer's train and eval steps on one synthetic device batch."""
   import jax
   import numpy as np
-  from vit_jax import build, optim, sharding, trainer
+  from vit_jax import build, trainer
   from vit_jax import flops as flops_lib
 
   trainer.validate_config(config, jax.device_count())
-  mesh = sharding.create_mesh(config.mesh)
-  model = build.model_from_config(config, num_classes)
-  tx, schedule = optim.create_optimizer(config)
-  init_state, _, state_shardings = build.state_initializer(config, model, tx, mesh)
-  state = jax.jit(init_state, out_shardings=state_shardings)(
-      jax.random.key(config.seed, impl=config.prng_impl))
+  run_parts = build.parts(config, num_classes)
+  state = run_parts.new_state()
 
   # Synthetic uint8 batches at the size the host would deliver, put on the device once.
-  host_size = config.data.host_image_size or config.image_size
   rng = np.random.default_rng(config.seed)
   eval_batch_size = config.eval_batch_size or config.batch_size
+  train_batch = synthetic_batch(config, config.batch_size, num_classes, run_parts.mesh, rng)
+  eval_batch = synthetic_batch(config, eval_batch_size, num_classes, run_parts.mesh, rng,
+                               with_mask=True)
 
-  def synthetic_batch(size, with_mask):
-    batch = {'images': rng.integers(0, 256, (size, host_size, host_size, 3), np.uint8),
-             'labels': rng.integers(0, num_classes, (size,), np.int32)}
-    if with_mask:
-      batch['mask'] = np.ones((size,), np.float32)
-    return sharding.global_batch(batch, mesh)
-
-  train_batch = synthetic_batch(config.batch_size, with_mask=False)
-  eval_batch = synthetic_batch(eval_batch_size, with_mask=True)
-
-  train_fn, eval_fn = build.step_functions(config, model, tx, schedule, num_classes, mesh,
-                                           state_shardings)
   start = time.perf_counter()
-  compiled_train = train_fn.lower(state, train_batch).compile()
+  compiled_train = run_parts.train_fn.lower(state, train_batch).compile()
   compile_s = time.perf_counter() - start
   start = time.perf_counter()
-  compiled_eval = eval_fn.lower(state.params, eval_batch).compile()
+  compiled_eval = run_parts.eval_fn.lower(state.params, eval_batch).compile()
   eval_compile_s = time.perf_counter() - start
 
   holder = {'state': state}  # The train step donates its state: each call feeds the next.
@@ -212,7 +199,7 @@ def find_max_batch(config, num_classes, memory_limit_gib=None):
                       f'give --max_batch one with --memory_limit_gib')
     limit = int(MEMORY_HEADROOM * reported)
   found, tried = memory.largest_fitting_batch(
-      lambda batch: memory.train_step_plan_bytes(config, num_classes, batch), limit,
+      memory.train_step_planner(config, num_classes), limit,
       start=config.batch_size, multiple=jax.device_count() * config.accum_steps,
       ceiling=MAX_BATCH_CEILING)
   if found is None:

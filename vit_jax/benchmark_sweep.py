@@ -208,8 +208,8 @@ def run_sweep(variants, out_path, extra_args=(), timeout=600, skip_done=False, b
 
 # ------------------------------------------------------------------ the table
 
-TABLE_COLUMNS = ('variant', 'batch', 'train ms/step', 'train img/s', 'train MFU', 'eval img/s', 'eval MFU',
-                 'peak memory GiB', 'compile s', 'train img/s vs baseline')
+TABLE_COLUMNS = ('variant', 'batch', 'train ms/step', 'train img/s', 'train MFU', 'eval img/s',
+                 'eval MFU', 'peak memory GiB', 'compile s', 'train img/s vs baseline')
 
 
 def _number(value, fmt):

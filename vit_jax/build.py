@@ -7,11 +7,14 @@ model and the same steps (sharded the same way, the state donated the same way).
 import functools
 import os
 import re
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vit_jax import models
+from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import step as step_lib
 from vit_jax.errors import UserError
@@ -83,3 +86,44 @@ def step_functions(config, model, tx, schedule, num_classes, mesh, state_shardin
       in_shardings=(state_shardings.params, batch_sharding),
       out_shardings=sharding.replicated(mesh))
   return train_fn, eval_fn
+
+
+class Parts(NamedTuple):
+  """What a run is made of, built from its config; nothing is allocated or compiled yet."""
+  mesh: Any
+  model: Any
+  tx: Any                  # the optax optimizer
+  schedule: Any            # step -> learning rate
+  init_state: Callable     # key -> TrainState (to jit with out_shardings=state_shardings)
+  init_key: Any            # the config's seed as a key of its prng_impl
+  abstract_state: Any      # shapes, dtypes and shardings of the TrainState
+  state_shardings: Any
+  train_fn: Any            # jitted (state, batch) -> (state, metrics), the state donated
+  eval_fn: Any             # jitted (params, batch) -> metrics
+
+  def new_state(self):
+    """A freshly initialised TrainState, laid out on the mesh."""
+    return jax.jit(self.init_state, out_shardings=self.state_shardings)(self.init_key)
+
+
+def parts(config, num_classes, mesh=None, **model_overrides):
+  """`Parts` for `config` with a `num_classes` head; `mesh` defaults to `config.mesh`'s."""
+  mesh = mesh or sharding.create_mesh(config.mesh)
+  model = model_from_config(config, num_classes, **model_overrides)
+  tx, schedule = optim.create_optimizer(config)
+  init_state, abstract_state, state_shardings = state_initializer(config, model, tx, mesh)
+  train_fn, eval_fn = step_functions(config, model, tx, schedule, num_classes, mesh,
+                                     state_shardings)
+  return Parts(mesh, model, tx, schedule, init_state,
+               jax.random.key(config.seed, impl=config.prng_impl), abstract_state,
+               state_shardings, train_fn, eval_fn)
+
+
+def abstract_batch(config, size, with_mask=False):
+  """Shapes and dtypes of a global batch of `size` as the host delivers it (for lowering)."""
+  host_size = config.data.host_image_size or config.image_size
+  batch = {'images': jax.ShapeDtypeStruct((size, host_size, host_size, 3), np.uint8),
+           'labels': jax.ShapeDtypeStruct((size,), np.int32)}
+  if with_mask:
+    batch['mask'] = jax.ShapeDtypeStruct((size,), np.float32)
+  return batch

@@ -11,7 +11,6 @@ not in the table has no MFU (None), never a guess.
 
 
 import jax
-import jax.numpy as jnp
 
 # Dense bf16 peak FLOP/s per device, matched against `device.device_kind` (lower case).
 PEAK_BF16_FLOPS = (
@@ -117,24 +116,13 @@ def model_flops_per_step(config, num_classes, eval_batch_size=None):
   whole batch); divide by the device count for one device's share.
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from vit_jax import build, optim, sharding  # pylint: disable=g-import-not-at-top
+  from vit_jax import build  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())  # An unlocked copy to change.
   config.accum_steps = 1
-  model = build.model_from_config(config, num_classes, **REFERENCE_MODEL_OVERRIDES)
-  tx, schedule = optim.create_optimizer(config)
-  mesh = sharding.create_mesh(config.mesh)
-  _, state, state_shardings = build.state_initializer(config, model, tx, mesh)
-  train_fn, eval_fn = build.step_functions(config, model, tx, schedule, num_classes, mesh,
-                                           state_shardings)
-  host_size = config.data.host_image_size or config.image_size
-
-  def batch(size, **extra):
-    return dict(images=jax.ShapeDtypeStruct((size, host_size, host_size, 3), jnp.uint8),
-                labels=jax.ShapeDtypeStruct((size,), jnp.int32), **extra)
-
+  run_parts = build.parts(config, num_classes, **REFERENCE_MODEL_OVERRIDES)
+  state = run_parts.abstract_state
   eval_batch_size = eval_batch_size or config.eval_batch_size or config.batch_size
-  train = train_fn.lower(state, batch(config.batch_size))
-  evaluate = eval_fn.lower(
-      state.params, batch(eval_batch_size,
-                          mask=jax.ShapeDtypeStruct((eval_batch_size,), jnp.float32)))
+  train = run_parts.train_fn.lower(state, build.abstract_batch(config, config.batch_size))
+  evaluate = run_parts.eval_fn.lower(
+      state.params, build.abstract_batch(config, eval_batch_size, with_mask=True))
   return compiled_flops(train), compiled_flops(evaluate)

@@ -9,7 +9,6 @@ about batch after batch without touching the device's memory.
 """
 
 import jax
-import numpy as np
 
 from vit_jax.errors import UserError
 
@@ -36,26 +35,20 @@ def device_memory_limit(device=None):
   return stats.get('bytes_limit')
 
 
-def train_step_plan_bytes(config, num_classes, batch_size):
-  """XLA's memory plan per device of the config's train step at a global `batch_size`.
+def train_step_planner(config, num_classes):
+  """`plan_for(batch_size)`: XLA's memory plan per device of the config's train step.
 
-  The step is the trainer's own (`vit_jax.build`), compiled for abstract inputs: no state or
-  batch is allocated.
+  The step is the trainer's own (`vit_jax.build`), built once and compiled for abstract inputs
+  at each batch size asked: no state or batch is allocated.
   """
-  from vit_jax import build, optim, sharding  # pylint: disable=g-import-not-at-top
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.batch_size = batch_size
-  mesh = sharding.create_mesh(config.mesh)
-  model = build.model_from_config(config, num_classes)
-  tx, schedule = optim.create_optimizer(config)
-  _, abstract_state, state_shardings = build.state_initializer(config, model, tx, mesh)
-  train_fn, _ = build.step_functions(config, model, tx, schedule, num_classes, mesh,
-                                     state_shardings)
-  host_size = config.data.host_image_size or config.image_size
-  batch = {'images': jax.ShapeDtypeStruct((batch_size, host_size, host_size, 3), np.uint8),
-           'labels': jax.ShapeDtypeStruct((batch_size,), np.int32)}
-  return plan_bytes(train_fn.lower(abstract_state, batch).compile())
+  from vit_jax import build  # pylint: disable=g-import-not-at-top
+  run_parts = build.parts(config, num_classes)
+
+  def plan_for(batch_size):
+    lowered = run_parts.train_fn.lower(run_parts.abstract_state,
+                                       build.abstract_batch(config, batch_size))
+    return plan_bytes(lowered.compile())
+  return plan_for
 
 
 def largest_fitting_batch(plan_for, limit_bytes, start, multiple, ceiling):

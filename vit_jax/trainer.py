@@ -246,10 +246,7 @@ def restore_train_state(workdir, step=None):
   """
   config = checkpoint_lib.read_config(workdir)
   num_classes = len(checkpoint_lib.read_class_names(workdir))
-  model = build.model_from_config(config, num_classes)
-  tx, _ = optim.create_optimizer(config)
-  mesh = sharding.create_mesh(config.mesh)
-  _, abstract_state, _ = build.state_initializer(config, model, tx, mesh)
+  abstract_state = build.parts(config, num_classes).abstract_state
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
   try:
     if step is None:
@@ -281,28 +278,24 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
                                       process_count=jax.process_count())
   num_classes = datasets.num_classes
   model_kwargs = models.model_kwargs(config.model_name, num_classes, **config.model.to_dict())
-  model = build.model_from_config(config, num_classes)
-  tx, schedule = optim.create_optimizer(config)
-
-  init_state, abstract_state, state_shardings = build.state_initializer(config, model, tx, mesh)
-  init_key = jax.random.key(config.seed, impl=config.prng_impl)
+  run = build.parts(config, num_classes, mesh)
 
   # The state: resumed from the workdir, else fresh (from a pretrained file when configured).
   # A pretrained file is read before anything is written, so a bad one leaves the workdir as
   # it was.
   pretrained_params = None
   if config.pretrained.path and not checkpoint_lib.has_checkpoints(workdir):
-    init_params = jax.jit(init_state, out_shardings=state_shardings)(init_key).params
+    init_params = run.new_state().params
     pretrained_params = _load_pretrained(config, jax.device_get(init_params), model_kwargs, log)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-  state, restored_step = checkpointer.restore_latest(abstract_state, log=log)
+  state, restored_step = checkpointer.restore_latest(run.abstract_state, log=log)
   if state is not None:
     log(f'resuming from the checkpoint at step {restored_step} in {checkpointer.directory}')
   elif pretrained_params is not None:
-    state = jax.jit(lambda p: step_lib.create_train_state(p, tx, config.optimizer.ema_decay),
-                    out_shardings=state_shardings)(pretrained_params)
+    state = jax.jit(lambda p: step_lib.create_train_state(p, run.tx, config.optimizer.ema_decay),
+                    out_shardings=run.state_shardings)(pretrained_params)
   else:
-    state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
+    state = run.new_state()
   log(sharding.describe(state.params))
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -311,8 +304,7 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
       json.dump(list(datasets.class_names), f)
 
   # Compile both steps once, ahead of time: the loop can never trigger a recompile.
-  train_fn, eval_fn = build.step_functions(config, model, tx, schedule, num_classes, mesh,
-                                           state_shardings)
+  train_fn, eval_fn = run.train_fn, run.eval_fn
 
   start_step = int(jax.device_get(state.step))
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
