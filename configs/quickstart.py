@@ -4,17 +4,17 @@ Data: 1,797 real 8×8 handwritten digits (scikit-learn's `load_digits`, no downl
 80/20 with a fixed seed into 1,437 training and 360 test images. The host delivers the 8 px
 images; the device upsamples them to 16 px, where 4×4 patches give a 4×4 grid of tokens.
 Model: a 4-layer ViT, 64 wide, 4 heads, mean-pooled (`gap`).
-Expected: ≥ 97% test accuracy (measured by tests/test_quickstart.py on 2 CPU cores; figures in
-BENCHMARKS.md).
+Expected: ≥ 97% test accuracy (asserted by tests/test_train.py::
+test_quickstart_reaches_97_percent_and_restores on 2 CPU cores; figures in BENCHMARKS.md).
 
   python train.py --config configs/quickstart.py
 """
 
-from configs import common
+from vit_jax.train import config as config_lib
 
 
 def get_config():
-  config = common.get_config()
+  config = config_lib.defaults()
   config.model_name = 'ViT-Ti/4'
   config.model.hidden_size = 64
   config.model.num_layers = 4
@@ -24,9 +24,7 @@ def get_config():
   config.image_size = 16
 
   config.data.source = 'digits'
-  config.data.name = 'digits'
   config.data.host_image_size = 8
-  config.data.cache = True
   config.aug.crop = 'random_crop'
   config.aug.random_crop_pad = 1
   config.aug.flip = False          # Mirrored digits are other symbols (or other digits).

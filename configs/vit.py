@@ -14,7 +14,7 @@ B/16 92.4, L/16 93.0; ImageNet B/16 84.0 (the paper's Table 2 at 384 px for L/16
 
 import re
 
-from configs import common
+from vit_jax.train import config as config_lib
 
 SIZES = {'ti': 'Ti', 's': 'S', 'b': 'B', 'l': 'L', 'h': 'H', 'g': 'g'}
 
@@ -38,7 +38,7 @@ def get_config(arg='B/16,cifar10'):
   variant = f'{size}/{patch}'
   train_split, eval_split, host_size, steps = DATASETS[dataset]
 
-  config = common.get_config()
+  config = config_lib.defaults()
   config.model_name = f'ViT-{variant}'
   config.image_size = 384
 

@@ -9,11 +9,11 @@ decay 1e-4), 10k warmup then cosine, inception crop, RandAugment 2/10, mixup 0.2
 not reproduced here. ImageNet needs a manual download into tfds' `downloads/manual`.
 """
 
-from configs import common
+from vit_jax.train import config as config_lib
 
 
 def get_config():
-  config = common.get_config()
+  config = config_lib.defaults()
   config.model_name = 'ViT-S/16'
   config.model.classifier = 'gap'
   config.model.posemb = 'sincos2d'

@@ -27,8 +27,12 @@ def run_train(args, env=None, timeout=600):
 def train_losses_on_one_batch(config, steps=5, num_classes=10):
   """(losses, skipped updates) of the trainer's own jitted train step, `steps` times on one
   fixed synthetic batch from one init: how a config's step behaves, without any data set."""
+  import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from vit_jax import benchmark, build  # pylint: disable=g-import-not-at-top
+  from vit_jax.tools import benchmark
+  from vit_jax.train import build  # pylint: disable=g-import-not-at-top
+  from vit_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.resolve(config, jax.device_count())
   run_parts = build.parts(config, num_classes)
   state = run_parts.new_state()
   batch = benchmark.synthetic_batch(config, config.batch_size, num_classes, run_parts.mesh,

@@ -67,7 +67,8 @@ def write_vit_npz(path, hidden_size):
   """A quickstart-shaped ViT (4x4 patches, gap, 10 classes) of another width, as an .npz."""
   import jax
   import jax.numpy as jnp
-  from vit_jax import convert, models
+  from vit_jax import models
+  from vit_jax.weights import convert
   model = models.create_model('ViT-Ti/4', 10, hidden_size=hidden_size, num_layers=4,
                               num_heads=4, mlp_dim=128, classifier='gap')
   params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)['params']

@@ -10,7 +10,13 @@ from conftest import run_python
 
 from configs import quickstart
 from configs import vit as vit_config
-from vit_jax import benchmark, build, flops, memory, models
+from vit_jax.train import cli
+from vit_jax.train import config as config_lib
+from vit_jax import models
+from vit_jax.tools import benchmark
+from vit_jax.train import build
+from vit_jax.train import flops
+from vit_jax.tools import memory
 from vit_jax.errors import UserError
 
 REQUIRED_KEYS = ('device', 'compile_s', 'train_step_ms', 'train_img_per_sec', 'eval_img_per_sec',
@@ -21,7 +27,7 @@ TINY = ['--config.model.hidden_size=32', '--config.model.num_layers=1',
 
 
 def test_benchmark_cli_prints_every_figure_as_json_last():
-  result = run_python(['-m', 'vit_jax.benchmark', '--config', 'configs/quickstart.py', *TINY,
+  result = run_python(['-m', 'vit_jax.tools.benchmark', '--config', 'configs/quickstart.py', *TINY,
                        '--steps', '2', '--repeats', '2', '--warmup', '1', '--data_batches', '2'])
   assert result.returncode == 0, result.stderr[-2000:]
   lines = result.stdout.strip().splitlines()
@@ -46,7 +52,7 @@ def test_bad_flags_are_one_line_errors():
                      (['--config.model.hiden_size=3'], 'hiden_size'),
                      (['--max_batch', '--skip_data'], 'reports no memory limit'),
                      (['--memory_limit_gib', '4'], 'needs --max_batch')):
-    result = run_python(['-m', 'vit_jax.benchmark', '--config', 'configs/quickstart.py', *bad])
+    result = run_python(['-m', 'vit_jax.tools.benchmark', '--config', 'configs/quickstart.py', *bad])
     assert result.returncode == 2
     assert result.stderr.strip().startswith('error:') and named in result.stderr
     assert 'Traceback' not in result.stderr
@@ -74,7 +80,8 @@ def test_data_only_times_no_step(monkeypatch):
 def test_unprepared_data_is_reported_not_raised(tmp_path):
   config = vit_config.get_config('B/16,cifar10')
   config.data.data_dir, config.data.download = str(tmp_path), False
-  img_per_sec, num_classes, error = benchmark.measure_data(config, num_batches=1)
+  img_per_sec, num_classes, error = benchmark.measure_data(config_lib.resolve(config),
+                                                          num_batches=1)
   assert img_per_sec is None and num_classes is None
   assert 'not prepared' in error
 
@@ -111,7 +118,7 @@ def _small_config(**model_overrides):
   config.model.update(model_overrides)
   config.image_size, config.data.host_image_size = 64, 32
   config.batch_size = 4
-  return config
+  return config_lib.resolve(config)
 
 
 def test_step_flops_used_for_mfu_match_analytic_whatever_the_fast_path():
@@ -124,9 +131,9 @@ def test_step_flops_used_for_mfu_match_analytic_whatever_the_fast_path():
   assert plain_train == pytest.approx(3 * batch * analytic, rel=0.10)
   assert plain_eval == pytest.approx(batch * analytic, rel=0.10)
   # Scan, remat and accumulation change how the step computes, not its model FLOPs.
-  config = _small_config(scan=True, remat_policy='full')
+  config = _small_config(scan=True, remat_policy='full').as_configdict()
   config.accum_steps = 2
-  assert flops.model_flops_per_step(config, 10) == (plain_train, plain_eval)
+  assert flops.model_flops_per_step(config_lib.resolve(config), 10) == (plain_train, plain_eval)
 
 
 def test_peak_flops_table():
@@ -152,8 +159,8 @@ def test_benchmark_steps_need_no_tensorflow():
   # network to fetch them: timing the steps (--skip_data) must not import either.
   blocked_run = ('import runpy, sys\n'
                  'sys.modules.update(tensorflow=None, tensorflow_datasets=None)\n'
-                 'sys.argv[0] = "vit_jax.benchmark"\n'
-                 'runpy.run_module("vit_jax.benchmark", run_name="__main__", alter_sys=True)\n')
+                 'sys.argv[0] = "vit_jax.tools.benchmark"\n'
+                 'runpy.run_module("vit_jax.tools.benchmark", run_name="__main__", alter_sys=True)\n')
   # config.xla_flags reaches XLA before its backend starts: here it makes two CPU devices.
   result = run_python(['-c', blocked_run, '--config', 'configs/quickstart.py', '--skip_data',
                        *TINY, '--steps', '1', '--repeats', '1', '--warmup', '0',
@@ -170,16 +177,16 @@ def test_xla_flags_join_the_environment_s_and_refuse_non_flags():
   with config.unlocked():
     config.xla_flags = '--xla_b=true  --xla_c'
   environ = {'XLA_FLAGS': '--xla_a=1'}
-  assert build.apply_xla_flags(config, environ) == '--xla_a=1 --xla_b=true --xla_c'
+  assert cli.apply_xla_flags(config, environ) == '--xla_a=1 --xla_b=true --xla_c'
   assert environ['XLA_FLAGS'] == '--xla_a=1 --xla_b=true --xla_c'
   with config.unlocked():
     config.xla_flags = ''
   untouched = {}
-  assert build.apply_xla_flags(config, untouched) == '' and 'XLA_FLAGS' not in untouched
+  assert cli.apply_xla_flags(config, untouched) == '' and 'XLA_FLAGS' not in untouched
   with config.unlocked():
     config.xla_flags = '--xla_b=true latency_hiding'
   with pytest.raises(UserError, match="'latency_hiding' is not an XLA flag"):
-    build.apply_xla_flags(config, {})
+    cli.apply_xla_flags(config, {})
 
 
 def test_largest_fitting_batch_doubles_or_halves_to_the_last_that_fits():
@@ -203,7 +210,7 @@ def test_max_batch_finds_the_largest_batch_whose_train_step_plan_fits():
   with config.unlocked():
     config.model.update(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
     config.batch_size = 8
-  plan_for = memory.train_step_planner(config, 10)
+  plan_for = memory.train_step_planner(config_lib.resolve(config), 10)
   plan_16, plan_32 = plan_for(16), plan_for(32)
   assert plan_16 < plan_32  # Activations grow with the batch.
   figures = benchmark.run(config, num_classes=10, steps=1, repeats=1, warmup=0, skip_data=True,

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 from conftest import run_python
 
-from vit_jax import benchmark_sweep
+from vit_jax.tools import benchmark_sweep
 
 # Shrinks every variant's model so one subprocess takes seconds on CPU; these come after the
 # base and variant args, so they win (a later --config.x= overrides an earlier one).
@@ -25,7 +25,7 @@ def test_sweep_cli_runs_each_variant_and_records_a_failure(tmp_path):
   out = tmp_path / 'sweep.jsonl'
   # attention=cudnn fails on CPU (no cuDNN) between variants that succeed: it must be recorded
   # and the sweep must go on.
-  result = run_python(['-m', 'vit_jax.benchmark_sweep', '--out', str(out),
+  result = run_python(['-m', 'vit_jax.tools.benchmark_sweep', '--out', str(out),
                        '--only', 'baseline,scan,remat=full,attention=cudnn', '--', *TINY])
   assert result.returncode == 0, result.stderr[-2000:]
   rows = _rows(out)
@@ -56,7 +56,7 @@ def test_skip_done_runs_nothing_already_done(tmp_path, monkeypatch):
   done = {'variant': 'baseline', 'train_step_ms': 10.0, 'train_img_per_sec': 100.0}
   failed = {'variant': 'scan', 'error': 'out of memory'}
   out.write_text(json.dumps(done) + '\n' + json.dumps(failed) + '\n')
-  result = run_python(['-m', 'vit_jax.benchmark_sweep', '--out', str(out), '--only', 'baseline',
+  result = run_python(['-m', 'vit_jax.tools.benchmark_sweep', '--out', str(out), '--only', 'baseline',
                        '--skip_done'])
   assert result.returncode == 0, result.stderr
   assert 'baseline: done already, skipped' in result.stderr
@@ -90,7 +90,7 @@ def test_a_timed_out_variant_is_recorded_and_the_sweep_goes_on(tmp_path, monkeyp
   assert second['args'][-3] == '--config.xla_flags=--xla_gpu_enable_triton_gemm=false'
   # Base args, then the variant's, then the extras (last, so they win).
   command, kwargs = calls[0]
-  assert command[1:3] == ['-m', 'vit_jax.benchmark'] and command[-2:] == ['--steps', '1']
+  assert command[1:3] == ['-m', 'vit_jax.tools.benchmark'] and command[-2:] == ['--steps', '1']
   assert command[3:] == first['args'] == list(benchmark_sweep.BASE_ARGS) + ['--steps', '1']
   assert kwargs['cwd'] == benchmark_sweep.REPO_ROOT
 
@@ -113,7 +113,7 @@ def test_failed_runs_give_one_line_reasons():
 
 
 def test_bad_only_name_is_a_one_line_error(tmp_path):
-  result = run_python(['-m', 'vit_jax.benchmark_sweep', '--out', str(tmp_path / 'x.jsonl'),
+  result = run_python(['-m', 'vit_jax.tools.benchmark_sweep', '--out', str(tmp_path / 'x.jsonl'),
                        '--only', 'baseline,remat=dotz'])
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
@@ -160,10 +160,10 @@ def test_table_and_list_commands(tmp_path):
   path = tmp_path / 'rows.jsonl'
   path.write_text(json.dumps({'variant': 'baseline', 'train_img_per_sec': 9.0}) + '\n'
                   + '{"variant": "torn\n')  # A line cut off mid-write is skipped.
-  result = run_python(['-m', 'vit_jax.benchmark_sweep', '--table', str(path)])
+  result = run_python(['-m', 'vit_jax.tools.benchmark_sweep', '--table', str(path)])
   assert result.returncode == 0, result.stderr
   assert '| baseline |' in result.stdout and 'rows.jsonl:2 is not a sweep row' in result.stderr
-  listed = run_python(['-m', 'vit_jax.benchmark_sweep', '--list'])
+  listed = run_python(['-m', 'vit_jax.tools.benchmark_sweep', '--list'])
   assert listed.returncode == 0
   names = [name for name, _ in benchmark_sweep.VARIANTS]
   assert len(names) == len(set(names)) == 20 and not any(',' in name for name in names)

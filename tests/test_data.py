@@ -11,17 +11,23 @@ from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from configs import common
 from vit_jax import data
 from vit_jax.data import device
 from vit_jax.data import digits
 from vit_jax.data import randaugment
 from vit_jax.data import tfds_source
 from vit_jax.errors import UserError
+from vit_jax.train import config as config_lib
+
+
+def create(config, process_index=0, process_count=1):
+  """create_datasets on the config as a run resolves it."""
+  resolved = config_lib.resolve(config, process_count=process_count)
+  return data.create_datasets(resolved, process_index, process_count)
 
 
 def digits_config(**aug):
-  config = common.get_config()
+  config = config_lib.defaults()
   config.data.source = 'digits'
   config.data.train_split, config.data.eval_split = 'train', 'test'
   config.batch_size = 64
@@ -39,7 +45,7 @@ AUGMENTED = dict(crop='random_crop', random_crop_pad=2, flip=True)
 
 
 def test_digits_splits_shapes_and_no_overlap():
-  datasets = data.create_datasets(digits_config())
+  datasets = create(digits_config())
   assert datasets.num_classes == 10 and datasets.class_names == [str(d) for d in range(10)]
   assert datasets.num_train_examples + datasets.num_eval_examples == 1797
   assert datasets.num_eval_examples == int(np.ceil(0.2 * 1797))
@@ -57,7 +63,7 @@ def test_digits_splits_shapes_and_no_overlap():
 
 
 def test_digits_eval_is_one_padded_pass():
-  datasets = data.create_datasets(digits_config())
+  datasets = create(digits_config())
   batches = list(datasets.eval_batches())
   assert len(batches) == int(np.ceil(datasets.num_eval_examples / 64))
   masks = np.concatenate([b['mask'] for b in batches])
@@ -67,11 +73,11 @@ def test_digits_eval_is_one_padded_pass():
 
 
 def test_train_batches_are_deterministic_and_seeded():
-  first = take(data.create_datasets(digits_config(**AUGMENTED)).train_batches(), 2)
-  again = take(data.create_datasets(digits_config(**AUGMENTED)).train_batches(), 2)
+  first = take(create(digits_config(**AUGMENTED)).train_batches(), 2)
+  again = take(create(digits_config(**AUGMENTED)).train_batches(), 2)
   other_config = digits_config(**AUGMENTED)
   other_config.seed = 1
-  other = take(data.create_datasets(other_config).train_batches(), 2)
+  other = take(create(other_config).train_batches(), 2)
   for a, b in zip(first, again):
     np.testing.assert_array_equal(a['images'], b['images'])
     np.testing.assert_array_equal(a['labels'], b['labels'])
@@ -79,14 +85,14 @@ def test_train_batches_are_deterministic_and_seeded():
 
 
 def test_resume_at_step_k_equals_uninterrupted_run_with_augmentation():
-  datasets = data.create_datasets(digits_config(randaugment_layers=2, **AUGMENTED))
+  datasets = create(digits_config(randaugment_layers=2, **AUGMENTED))
   resume_step = 21  # 1437 / 64 = 22.5 steps per epoch, so steps 21..23 cross an epoch
   uninterrupted = take(datasets.train_batches(0), resume_step + 3)[resume_step:]
   resumed = take(datasets.train_batches(start_step=resume_step), 3)
   for a, b in zip(uninterrupted, resumed):
     np.testing.assert_array_equal(a['images'], b['images'])
     np.testing.assert_array_equal(a['labels'], b['labels'])
-  plain = take(data.create_datasets(digits_config()).train_batches(resume_step), 1)[0]
+  plain = take(create(digits_config()).train_batches(resume_step), 1)[0]
   np.testing.assert_array_equal(plain['labels'], resumed[0]['labels'])
   assert not np.array_equal(plain['images'], resumed[0]['images'])  # augmentation took effect
   with pytest.raises(UserError, match='start_step'):
@@ -95,13 +101,13 @@ def test_resume_at_step_k_equals_uninterrupted_run_with_augmentation():
 
 def test_process_shards_are_disjoint_and_cover_the_global_batch():
   config = digits_config(**AUGMENTED)
-  whole = take(data.create_datasets(config).train_batches(3), 1)[0]
-  shards = [take(data.create_datasets(config, index, 2).train_batches(3), 1)[0]
+  whole = take(create(config).train_batches(3), 1)[0]
+  shards = [take(create(config, index, 2).train_batches(3), 1)[0]
             for index in range(2)]
   assert all(len(shard['labels']) == 32 for shard in shards)
   np.testing.assert_array_equal(np.concatenate([s['images'] for s in shards]), whole['images'])
   np.testing.assert_array_equal(np.concatenate([s['labels'] for s in shards]), whole['labels'])
-  eval_shards = [list(data.create_datasets(config, index, 2).eval_batches()) for index in range(2)]
+  eval_shards = [list(create(config, index, 2).eval_batches()) for index in range(2)]
   assert len(eval_shards[0]) == len(eval_shards[1])
   assert sum(b['mask'].sum() for shard in eval_shards for b in shard) == 360
 
@@ -110,7 +116,7 @@ def test_host_image_size_and_eval_crop():
   config = digits_config(crop='inception_crop')
   config.data.host_image_size = 12
   config.aug.eval_crop_fraction = 0.75
-  datasets = data.create_datasets(config)
+  datasets = create(config)
   assert next(datasets.train_batches())['images'].shape == (64, 12, 12, 3)
   assert next(datasets.eval_batches())['images'].shape == (64, 12, 12, 3)
 
@@ -126,7 +132,7 @@ def test_config_mistakes_are_one_line_user_errors(change, message):
   config = digits_config()
   change(config)
   with pytest.raises(UserError, match=message) as error:
-    data.create_datasets(config, 0, 2)
+    create(config, 0, 2)
   assert '\n' not in str(error.value)
 
 
@@ -153,7 +159,7 @@ def write_image_folder(root, sizes=((20, 24), (30, 16))):
 
 
 def folder_config(root):
-  config = common.get_config()
+  config = config_lib.defaults()
   config.data.source, config.data.name = 'folder', str(root)
   config.data.train_split, config.data.eval_split = 'train', 'test'
   config.image_size, config.batch_size = 16, 4
@@ -163,7 +169,7 @@ def folder_config(root):
 def test_folder_source_skips_and_counts_a_corrupt_file(tmp_path):
   write_image_folder(tmp_path)
   (tmp_path / 'train' / 'dog' / 'broken.jpg').write_bytes(b'\xff\xd8 not really a jpeg')
-  datasets = data.create_datasets(folder_config(tmp_path))
+  datasets = create(folder_config(tmp_path))
   assert datasets.class_names == ['cat', 'dog']
   assert datasets.num_skipped_files == 1
   assert datasets.num_train_examples == 6 and datasets.num_eval_examples == 2
@@ -180,23 +186,24 @@ def test_folder_source_user_errors(tmp_path):
   (tmp_path / 'train').mkdir()
   (tmp_path / 'test').mkdir()
   with pytest.raises(UserError, match='no class folders'):
-    data.create_datasets(folder_config(tmp_path))
+    create(folder_config(tmp_path))
   (tmp_path / 'train' / 'empty').mkdir()
   with pytest.raises(UserError, match='empty'):
-    data.create_datasets(folder_config(tmp_path))
+    create(folder_config(tmp_path))
   write_image_folder(tmp_path / 'good')
   config = folder_config(tmp_path / 'good')
   config.data.eval_split = 'val'
   with pytest.raises(UserError, match='val'):
-    data.create_datasets(config)
+    create(config)
 
 
 def tfds_config(tmp_path, **data_overrides):
-  config = common.get_config()
+  config = config_lib.defaults()
   config.data.update(dict(dict(source='tfds', name='cifar10', data_dir=str(tmp_path)),
                           **data_overrides))
   config.image_size, config.batch_size = 32, 8
-  config.data.shuffle_buffer = 16
+  if not config.data.cache:
+    config.data.shuffle_buffer = 16
   return config
 
 
@@ -213,7 +220,7 @@ def test_tfds_mock_cifar10(tmp_path, mock_cifar10, cache):
   config = tfds_config(tmp_path, train_split='train[:98%]', cache=cache)
   config.data.host_image_size = 24
   config.aug.update(crop='inception_crop')
-  datasets = data.create_datasets(config)
+  datasets = create(config)
   assert datasets.num_classes == 10 and len(datasets.class_names) == 10
   assert datasets.num_eval_examples == 20
   batches = take(datasets.train_batches(), 4)  # 32 examples: wraps around the 20
@@ -227,14 +234,15 @@ def test_tfds_mock_cifar10(tmp_path, mock_cifar10, cache):
 
 def test_measure_host_throughput_on_mock_data(tmp_path, mock_cifar10):
   config = tfds_config(tmp_path)
-  rate = data.measure_host_throughput(config, num_batches=3, warmup_batches=1)
+  rate = data.measure_host_throughput(config_lib.resolve(config), num_batches=3,
+                                      warmup_batches=1)
   assert rate > 0
 
 
 def test_unprepared_tfds_without_download_fails_fast(tmp_path):
   start = time.monotonic()
   with pytest.raises(UserError, match='data_dir'):
-    data.create_datasets(tfds_config(tmp_path, download=False))
+    create(tfds_config(tmp_path, download=False))
   assert time.monotonic() - start < 10
 
 
@@ -242,15 +250,15 @@ def test_unprepared_tfds_offline_fails_fast(tmp_path, monkeypatch):
   monkeypatch.setattr(tfds_source, 'TFDS_STORAGE_ADDRESS', ('127.0.0.1', 9))  # nothing listens
   start = time.monotonic()
   with pytest.raises(UserError, match='unreachable.*data_dir'):
-    data.create_datasets(tfds_config(tmp_path))
+    create(tfds_config(tmp_path))
   assert time.monotonic() - start < 10
 
 
 def test_unknown_tfds_name_and_bad_split(tmp_path):
   with pytest.raises(UserError, match="'cifar11'.*cifar10"):
-    data.create_datasets(tfds_config(tmp_path, name='cifar11'))
+    create(tfds_config(tmp_path, name='cifar11'))
   with pytest.raises(UserError, match=r'train\[:200%\]'):
-    data.create_datasets(tfds_config(tmp_path, train_split='train[:200%]'))
+    create(tfds_config(tmp_path, train_split='train[:200%]'))
 
 
 def test_device_preprocess_resizes_and_scales():

@@ -19,7 +19,9 @@ import pytest
 from conftest import train_losses_on_one_batch
 
 from configs import quickstart
-from vit_jax import benchmark, flops, models
+from vit_jax import models
+from vit_jax.tools import benchmark
+from vit_jax.train import flops
 from vit_jax.models import vit
 
 ON_GPU = jax.default_backend() == 'gpu'

@@ -445,7 +445,7 @@ def test_sincos_posemb_has_no_parameters():
     ('ViT-B/16', dict(remat_policy='some'), "unknown remat_policy 'some'"),
     ('ViT-B/16', dict(attention_impl='flash'), "unknown attention_impl 'flash'"),
     ('ViT-B/16', dict(dtype='float64'), "unknown dtype 'float64'"),
-    ('ViT-B/16', dict(dropout=0.1), "unknown model override 'dropout'; valid: classifier"),
+    ('ViT-B/16', dict(dropout=0.1), 'model.dropout=0.1 does not apply to ViT-B/16; it takes: '),
     ('Mixer-B/16', dict(classifier='map'), 'does not apply to Mixer-B/16'),
 ])
 def test_user_mistakes_raise_user_error(name, overrides, message):
@@ -459,12 +459,15 @@ def test_a_patch_that_does_not_divide_the_image_raises():
     model.init(jax.random.key(0), _images(size=40))
 
 
-def test_mixer_accepts_the_whole_default_vit_config():
-  # A training config passes every key; those at their ViT default change nothing for Mixer.
-  overrides = dict(models.VIT_OVERRIDES, dtype='bfloat16', head_bias_init=-1.0)
+def test_mixer_takes_the_unset_config_keys_and_refuses_a_set_vit_one():
+  # A training config passes every model key; unset ones (None) mean "the default".
+  from vit_jax.train import config as config_lib
+  overrides = dict(config_lib.defaults().model.to_dict(), dtype='bfloat16', head_bias_init=-1.0)
   kwargs = models.model_kwargs('Mixer-B/16', 10, **overrides)
   assert kwargs['dtype'] == jnp.bfloat16 and kwargs['head_bias_init'] == -1.0
   assert 'classifier' not in kwargs
+  with pytest.raises(UserError, match=r'model.classifier=.gap. does not apply to Mixer-B/16'):
+    models.model_kwargs('Mixer-B/16', 10, **dict(overrides, classifier='gap'))
 
 
 def test_model_kwargs_builds_the_same_module_as_create_model():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vit_jax import plot
+from vit_jax.train import curves
+from vit_jax.tools import plot
 from vit_jax.errors import UserError
 
 
@@ -32,7 +33,7 @@ def test_read_metrics_resume_wins_and_partial_last_line_is_skipped(tmp_path):
   rows = [{'step': s, 'train_loss': float(s)} for s in (10, 20, 30)]
   rows += [{'step': s, 'train_loss': -float(s)} for s in (20, 30, 40)]   # resumed from step 10
   workdir = _write_metrics(tmp_path / 'run', rows, tail='{"step": 50, "train_lo')
-  steps, values = plot.read_metrics(workdir)['train_loss']
+  steps, values = curves.read_metrics(workdir)['train_loss']
   assert list(steps) == [10, 20, 30, 40]
   assert list(values) == [10.0, -20.0, -30.0, -40.0]
 
@@ -40,9 +41,9 @@ def test_read_metrics_resume_wins_and_partial_last_line_is_skipped(tmp_path):
 def test_broken_line_in_the_middle_is_a_user_error(tmp_path):
   workdir = _write_metrics(tmp_path / 'run', [{'step': 1, 'train_loss': 1.0}], tail='oops\n{}\n')
   with pytest.raises(UserError, match='line 2'):
-    plot.read_metrics(workdir)
+    curves.read_metrics(workdir)
   with pytest.raises(UserError, match='does not exist'):
-    plot.read_metrics(tmp_path / 'nowhere')
+    curves.read_metrics(tmp_path / 'nowhere')
 
 
 def test_runs_are_overlaid_labelled_and_missing_metrics_skipped(tmp_path):
@@ -51,7 +52,7 @@ def test_runs_are_overlaid_labelled_and_missing_metrics_skipped(tmp_path):
   partial = _write_metrics(tmp_path / 'b16_sgd', [
       {'step': s, 'train_loss': 3.0 / (1 + s), 'learning_rate': 0.02, 'img_per_sec': 900.0}
       for s in range(0, 60, 10)])
-  fig = plot.curves_figure([full, partial])
+  fig = curves.curves_figure([full, partial])
   loss, accuracy, lr, throughput = fig.axes
   assert sorted(line.get_label() for line in loss.get_lines()) == [
       'b16_adamw test', 'b16_adamw train', 'b16_sgd train']
@@ -65,7 +66,7 @@ def test_runs_are_overlaid_labelled_and_missing_metrics_skipped(tmp_path):
 def test_png_and_cli(tmp_path, capsys):
   full = _full_run(tmp_path / 'a' / 'run')
   other = _full_run(tmp_path / 'b' / 'run')     # same name: labels fall back to the paths
-  assert plot.run_labels([str(full), str(other)]) == [str(full), str(other)]
+  assert curves.run_labels([str(full), str(other)]) == [str(full), str(other)]
   out = tmp_path / 'curves.png'
   assert plot.main([str(full), str(other), '--out', str(out)]) == 0
   with Image.open(out) as image:

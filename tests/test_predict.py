@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import common
-from vit_jax import predict, visualize
+from vit_jax.train import config as config_lib
+from vit_jax.tools import predict
+from vit_jax.tools import visualize
 from vit_jax.errors import UserError
 from vit_jax.models import create_model
 
@@ -20,7 +21,7 @@ CLASS_NAMES = [f'class_{i}' for i in range(7)]
 def _make_workdir(path, classifier):
   """A workdir as train.py leaves one: config.json, class_names.json, an Orbax checkpoint."""
   import orbax.checkpoint as ocp
-  config = common.get_config()
+  config = config_lib.defaults()
   config.model_name = 'ViT-Ti/8'
   config.model.update(hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32,
                       classifier=classifier, head_bias_init=0.0)
@@ -32,7 +33,9 @@ def _make_workdir(path, classifier):
   rng = np.random.default_rng(1)
   params = jax.tree.map(lambda p: np.asarray(p) + 0.5 * rng.normal(size=p.shape), params)
   path.mkdir()
-  (path / 'config.json').write_text(config.to_json())
+  config.data.source, config.data.name = 'folder', '/images'  # Host images at image_size.
+  (path / 'config.json').write_text(
+      json.dumps(config_lib.workdir_record(config_lib.resolve(config))))
   (path / 'class_names.json').write_text(json.dumps(CLASS_NAMES))
   manager = ocp.CheckpointManager((path / 'checkpoints').absolute(),
                                   item_names=('params', 'train_state'))
@@ -105,7 +108,7 @@ def test_top5_matches_direct_apply_and_pngs_are_written(run, tmp_path, capsys):
 
 
 def test_converted_checkpoint(run, tmp_path, capsys):
-  from vit_jax import convert
+  from vit_jax.weights import convert
   _, model, params = run
   pixels, paths = _write_images(tmp_path, 1)
   convert.save_weights(params, tmp_path / 'weights.npz')

@@ -54,8 +54,8 @@ def _wait_for_checkpoint_write(process, checkpoint_dir, timeout=300):
 
 
 def _state_digest(workdir):
-  from vit_jax import checkpoint, trainer
-  state = trainer.restore_train_state(workdir)
+  from vit_jax.train import checkpoint
+  state = checkpoint.restore_train_state(workdir)
   assert int(state.step) == STEPS
   return checkpoint.tree_digest(state)
 

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from vit_jax import sweep as sweep_lib
+from vit_jax.tools import sweep as sweep_lib
 from vit_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +50,7 @@ def _write(path, text):
 
 
 def _run_cli(*args, env=None):
-  return subprocess.run([sys.executable, '-m', 'vit_jax.sweep', *args], cwd=REPO,
+  return subprocess.run([sys.executable, '-m', 'vit_jax.tools.sweep', *args], cwd=REPO,
                         capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -145,7 +145,7 @@ def test_run_skips_finished_points_and_summarizes(tmp_path):
   train = _write(tmp_path / 'fake_train.py', FAKE_TRAIN)
   log = tmp_path / 'calls.jsonl'
   sweep_file = _write(tmp_path / 'grid.py', '''
-      from vit_jax.sweep import axis, product
+      from vit_jax.tools.sweep import axis, product
       base_config = 'configs/common.py'
       def get_sweep():
         return product(axis('schedule.base_lr', [0.25, 0.5]), axis('schedule.name', ['a', 'b']))
@@ -226,14 +226,14 @@ def test_quickstart_sweep_runs_reruns_without_work_and_summarizes(tmp_path):
           '--config.model.num_layers=1', '--config.model.hidden_size=16',
           '--config.model.mlp_dim=32']
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-m', 'vit_jax.sweep', *args], cwd=REPO,
+  result = subprocess.run([sys.executable, '-m', 'vit_jax.tools.sweep', *args], cwd=REPO,
                           capture_output=True, text=True, env=env, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   finals = sorted(root.glob('*/final_metrics.json'))
   assert len(finals) == 4
   written = {p: p.stat().st_mtime_ns for p in finals}
 
-  result = subprocess.run([sys.executable, '-m', 'vit_jax.sweep', *args], cwd=REPO,
+  result = subprocess.run([sys.executable, '-m', 'vit_jax.tools.sweep', *args], cwd=REPO,
                           capture_output=True, text=True, env=env, timeout=60)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.count('finished already, skipping') == 4

@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from vit_jax import tpu_vm
+from vit_jax.tools import tpu_vm
 from vit_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +96,7 @@ def test_git_url_sweep_and_detach_variants():
       '~/vit_jax) && git -C ~/vit_jax fetch -q https://example.com/me/vit.git v1 && '
       'git -C ~/vit_jax checkout -q --detach FETCH_HEAD')
   assert steps['train'][-2] == (
-      '--command=cd ~/vit_jax && nohup ~/vit_jax_env/bin/python -m vit_jax.sweep '
+      '--command=cd ~/vit_jax && nohup ~/vit_jax_env/bin/python -m vit_jax.tools.sweep '
       'configs/sweeps/quickstart_lr_wd.py --workdir_root gs://b/sw --config.total_steps=5 '
       '> ~/vit_jax_train.log 2>&1 < /dev/null &')
   args, overrides = tpu_vm._parse(BASE + ['--skip_setup'])
@@ -140,7 +140,7 @@ def _run_cli(tmp_path, *args, state=None):
   env.pop('FAKE_STATE', None)
   if state:
     env['FAKE_STATE'] = state
-  result = subprocess.run([sys.executable, '-m', 'vit_jax.tpu_vm', *args], cwd=REPO,
+  result = subprocess.run([sys.executable, '-m', 'vit_jax.tools.tpu_vm', *args], cwd=REPO,
                           capture_output=True, text=True, env=env, timeout=120)
   return result, [json.loads(l) for l in log.read_text().splitlines()]
 
@@ -164,7 +164,7 @@ def test_run_creates_a_missing_vm_then_ships_installs_and_trains(tmp_path):
   assert all('--worker=all' in c for c in calls[2:])
   with tarfile.open(tmp_path / 'shipped.tar.gz') as tar:
     names = set(tar.getnames())
-  assert {'vit_jax/tpu_vm.py', 'configs/common.py', 'tests/test_tpu_vm.py'} <= names
+  assert {'vit_jax/tools/tpu_vm.py', 'configs/common.py', 'tests/test_tpu_vm.py'} <= names
   assert not any(n.startswith('.git/') or '__pycache__' in n for n in names)
 
 

@@ -54,7 +54,8 @@ def test_quickstart_reaches_97_percent_and_restores(tmp_path):
 
 def _write_pretrained_npz(path):
   """A tiny ViT's weights at 32 px with 1000 classes, in the published .npz layout."""
-  from vit_jax import convert, models
+  from vit_jax import models
+  from vit_jax.weights import convert
   model = models.create_model('ViT-Ti/16', 1000, hidden_size=32, num_layers=2, num_heads=2,
                               mlp_dim=64)
   params = model.init(jax.random.key(7), jnp.zeros((1, 32, 32, 3)), train=False)['params']
@@ -143,9 +144,11 @@ def test_eight_devices_give_the_same_loss_curve_as_one(tmp_path):
 def _tiny_setup(accum_steps):
   """A tiny model, optimizer and state, and the jitted step with `accum_steps`."""
   import functools
-  from configs import common
-  from vit_jax import models, optim, step
-  config = common.get_config()
+  from vit_jax import models
+  from vit_jax.train import config as config_lib
+  from vit_jax.train import optim
+  from vit_jax.train import step
+  config = config_lib.defaults()
   config.total_steps = 10
   # SGD: the update is linear in the gradient, so it shows gradient differences as they are
   # (Adam's normalisation blows float noise in near-zero gradients up to the full step size).
@@ -154,7 +157,7 @@ def _tiny_setup(accum_steps):
   config.schedule.base_lr = 1e-2
   model = models.create_model('ViT-Ti/4', 10, hidden_size=16, num_layers=2, num_heads=2,
                               mlp_dim=32, dropout_rate=0.0)
-  tx, schedule = optim.create_optimizer(config)
+  tx, schedule = optim.create_optimizer(config_lib.resolve(config))
   params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)['params']
   state = step.create_train_state(params, tx, ema_decay=0.0)
   settings = step.StepSettings(image_size=8, num_classes=10, seed=0, accum_steps=accum_steps)
@@ -181,7 +184,7 @@ def test_accum_steps_4_matches_one_4x_batch():
 
 def test_twenty_steps_compile_train_and_eval_once(tmp_path, caplog):
   import logging
-  from vit_jax import trainer
+  from vit_jax.train import loop as trainer
   config = quickstart.get_config()
   config.total_steps = 20
   config.eval_every = 10

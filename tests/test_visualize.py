@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vit_jax import visualize
+from vit_jax.tools import visualize
 from vit_jax.errors import UserError
 
 

@@ -11,7 +11,7 @@ and augments them exactly as it would CIFAR-10. Only the pixels differ: smooth r
 PNG decoding costs about the same. Never train on it: the labels are random.
 
   python tools/cifar10_stand_in.py /tmp/tfds_stand_in
-  python -m vit_jax.benchmark --config configs/vit_b16_cifar10.py --data_only \
+  python -m vit_jax.tools.benchmark --config configs/vit_b16_cifar10.py --data_only \
       --config.data.data_dir=/tmp/tfds_stand_in
 """
 

@@ -8,7 +8,7 @@ def restore(workdir, step=None):
 
   Runs no training code; works on CPU for any checkpoint `train.py` wrote.
   """
-  from vit_jax import checkpoint  # Imported here so `import vit_jax` stays light.
+  from vit_jax.train import checkpoint  # Imported here so `import vit_jax` stays light.
   return checkpoint.restore(workdir, step=step)
 
 

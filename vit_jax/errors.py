@@ -1,12 +1,38 @@
-"""The one exception type for a user's mistake.
+"""The exceptions a command line turns into one line, and the exit status of each.
 
-Raised where the mistake is first visible, naming the bad value and what would be valid. The
-command-line entry points print its message as one line and exit non-zero, with no traceback.
+  2  UserError         a mistake in a config, a command line, a file or a data folder: fix it
+  3  Diverged          the loss or a gradient became NaN/Inf: the run stopped at its last good
+                       checkpoint; rerunning as it is diverges again
+  4  EnvironmentFault  the machine or the network failed (disk full, read-only or missing
+                       path, storage unreachable, refused credentials): worth a retry elsewhere
+
+Each is raised where the fault is first visible, naming the bad value or path and what would be
+valid. A sweep or a TPU-VM supervisor tells them apart by the status alone.
 """
+
+import sys
+
+USER_ERROR_STATUS = 2
+DIVERGED_STATUS = 3
+ENVIRONMENT_FAULT_STATUS = 4
 
 
 class UserError(ValueError):
   """A mistake in a config, a command line, a file or a data folder: not a bug in vit_jax."""
+  exit_status = USER_ERROR_STATUS
+
+
+class Diverged(RuntimeError):
+  """The loss or a gradient became NaN or Inf and the config says to stop."""
+  exit_status = DIVERGED_STATUS
+
+
+class EnvironmentFault(RuntimeError):
+  """Disk, file system, network or storage failed under a run that was set up correctly."""
+  exit_status = ENVIRONMENT_FAULT_STATUS
+
+
+REPORTED = (UserError, Diverged, EnvironmentFault)
 
 
 def one_line(error):
@@ -16,7 +42,6 @@ def one_line(error):
 
 
 def report(error):
-  """Prints a user's mistake as one `error: ...` line on stderr; returns exit status 2."""
-  import sys
-  print(f'error: {one_line(error)}', file=sys.stderr)
-  return 2
+  """Prints `error` as one `error: ...` line on stderr; returns its exit status."""
+  print(f'error: {one_line(error)}', file=sys.stderr, flush=True)
+  return getattr(error, 'exit_status', USER_ERROR_STATUS)

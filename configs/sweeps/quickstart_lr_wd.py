@@ -1,10 +1,10 @@
 """Learning rate × weight decay for the quickstart (a 2 × 2 grid).
 
-    python -m vit_jax.sweep configs/sweeps/quickstart_lr_wd.py
-    python -m vit_jax.sweep summarize workdirs/sweeps/quickstart_lr_wd
+    python -m vit_jax.tools.sweep configs/sweeps/quickstart_lr_wd.py
+    python -m vit_jax.tools.sweep summarize workdirs/sweeps/quickstart_lr_wd
 """
 
-from vit_jax.sweep import axis, product
+from vit_jax.tools.sweep import axis, product
 
 base_config = 'configs/quickstart.py'
 

@@ -4,7 +4,7 @@
 would say the same.
 """
 
-from vit_jax.sweep import axis, zipit
+from vit_jax.tools.sweep import axis, zipit
 
 base_config = 'configs/quickstart.py'
 

@@ -10,7 +10,7 @@ deterministic tf.data pipeline and skip start_step * local_batch records on resu
 records are read but not decoded (roughly the time of one pass over that many files).
 Augmentation randomness is seeded by (config.seed, the example's global stream position).
 In-memory sources are fully permuted each epoch, so data.shuffle_buffer only sizes the streamed
-tfds shuffle; digits are always in memory, so data.cache only matters for folders and tfds.
+tfds shuffle (the config refuses it elsewhere); digits are always in memory.
 """
 
 import dataclasses
@@ -30,8 +30,6 @@ from vit_jax.errors import UserError
 # The host pipeline is CPU work; keep TensorFlow off any accelerator JAX is using.
 tf.config.set_visible_devices([], 'GPU')
 
-SOURCES = ('tfds', 'folder', 'digits')
-CROPS = ('resize', 'random_crop', 'inception_crop')
 
 Source = Union[table_lib.Table, tfds_source.Stream]
 
@@ -90,7 +88,8 @@ class Datasets:
 
     dataset = examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(self.local_batch_size, drop_remainder=True)
-    dataset = dataset.prefetch(max(self.prefetch_batches, 1))
+    if self.prefetch_batches:  # 0: nothing in flight, anywhere.
+      dataset = dataset.prefetch(self.prefetch_batches)
     for images, labels in dataset.as_numpy_iterator():
       yield {'images': images, 'labels': labels.astype(np.int32)}
 
@@ -135,7 +134,9 @@ class Datasets:
       dataset = source.eval_examples(self.process_index, self.process_count)
       num_batches = source.num_eval_batches(batch, self.process_count)
     dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    dataset = dataset.batch(batch).prefetch(max(self.prefetch_batches, 1))
+    dataset = dataset.batch(batch)
+    if self.prefetch_batches:
+      dataset = dataset.prefetch(self.prefetch_batches)
 
     size = self.host_image_size
     yielded = 0
@@ -161,75 +162,38 @@ def _pad_batch(images, labels, batch):
   return {'images': padded_images, 'labels': padded_labels, 'mask': mask}
 
 
-def _validate(config, process_index, process_count):
-  """UserErrors for config mistakes visible before any data is read."""
-  data, aug = config.data, config.aug
-  if data.source not in SOURCES:
-    raise UserError(f'config.data.source={data.source!r} is unknown; valid: {", ".join(SOURCES)}')
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise UserError(f'process_index={process_index} is not in [0, process_count={process_count})')
-  eval_batch_size = config.eval_batch_size or config.batch_size
-  for name, size in (('batch_size', config.batch_size), ('eval_batch_size', eval_batch_size)):
-    if size < 1 or size % process_count:
-      raise UserError(f'config.{name}={size} must be a positive multiple of the process count '
-                      f'{process_count}')
-  if data.host_image_size is not None and data.host_image_size < 1:
-    raise UserError(f'config.data.host_image_size={data.host_image_size} must be positive')
-  if aug.crop not in CROPS:
-    raise UserError(f'config.aug.crop={aug.crop!r} is unknown; valid: {", ".join(CROPS)}')
-  if not 0.0 < aug.inception_min_area <= 1.0:
-    raise UserError(f'config.aug.inception_min_area={aug.inception_min_area} must be in (0, 1]')
-  if (aug.crop == 'random_crop') != (aug.random_crop_pad > 0) or aug.random_crop_pad < 0:
-    raise UserError(f'config.aug.random_crop_pad={aug.random_crop_pad} with crop={aug.crop!r}: '
-                    "crop='random_crop' needs random_crop_pad > 0, other crops need 0")
-  if aug.randaugment_layers < 0 or not 0 <= aug.randaugment_magnitude <= 30:
-    raise UserError(f'config.aug.randaugment_layers={aug.randaugment_layers}, magnitude='
-                    f'{aug.randaugment_magnitude}: need layers >= 0 and magnitude in [0, 30]')
-  if not 0.0 < aug.eval_crop_fraction <= 1.0:
-    raise UserError(f'config.aug.eval_crop_fraction={aug.eval_crop_fraction} must be in (0, 1]')
-  if aug.mixup_alpha < 0 or aug.cutmix_alpha < 0:
-    raise UserError(f'config.aug mixup_alpha={aug.mixup_alpha}, cutmix_alpha='
-                    f'{aug.cutmix_alpha} must be >= 0 (0: off)')
-  if not 0.0 <= aug.label_smoothing < 1.0:
-    raise UserError(f'config.aug.label_smoothing={aug.label_smoothing} must be in [0, 1)')
-  if data.shuffle_buffer < 1 or data.prefetch_batches < 0:
-    raise UserError(f'config.data.shuffle_buffer={data.shuffle_buffer} must be >= 1 and '
-                    f'prefetch_batches={data.prefetch_batches} >= 0')
-
-
 def create_datasets(config, process_index: int = 0, process_count: int = 1) -> Datasets:
   """Builds this process's train and eval pipelines from config.data and config.aug.
 
   Args:
-    config: the run config (seed, image_size, batch_size, eval_batch_size, data, aug).
+    config: the resolved run config (`vit_jax.train.config.resolve`: every value checked,
+      eval_batch_size and data.host_image_size filled in).
     process_index: this process (jax.process_index()).
     process_count: all processes (jax.process_count()); each reads only its own shard.
 
   Returns:
     Datasets; local train batch = batch_size // process_count, local eval batch =
-    (eval_batch_size or batch_size) // process_count.
+    eval_batch_size // process_count.
 
   Raises:
-    UserError: a config value, a data folder or a tfds name/split that cannot work.
+    UserError: a data folder or a tfds name/split that cannot work.
   """
-  _validate(config, process_index, process_count)
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise UserError(f'process_index={process_index} is not in [0, process_count={process_count})')
   data = config.data
   num_skipped_files = 0
   if data.source == 'digits':
     train_source, eval_source = digits.load(data.train_split), digits.load(data.eval_split)
     class_names = list(digits.CLASS_NAMES)
-    default_host_size = digits.IMAGE_SIZE
   elif data.source == 'folder':
     loaded = folder.load(data.name, data.train_split, data.eval_split, cache=data.cache)
     train_source, eval_source = loaded.train, loaded.eval
     class_names = loaded.class_names
     num_skipped_files = loaded.num_skipped_files
-    default_host_size = config.image_size
   else:
     loaded = tfds_source.load(config, process_index, process_count)
     train_source, eval_source = loaded.train, loaded.eval
     class_names = loaded.class_names
-    default_host_size = config.image_size
 
   global_batch = config.batch_size
   return Datasets(
@@ -237,13 +201,13 @@ def create_datasets(config, process_index: int = 0, process_count: int = 1) -> D
       class_names=list(class_names),
       num_train_examples=_num_examples(train_source),
       num_eval_examples=_num_examples(eval_source),
-      host_image_size=data.host_image_size or default_host_size,
+      host_image_size=data.host_image_size,
       num_skipped_files=num_skipped_files,
       seed=config.seed,
       aug=config.aug,
       global_batch_size=global_batch,
       local_batch_size=global_batch // process_count,
-      local_eval_batch_size=(config.eval_batch_size or global_batch) // process_count,
+      local_eval_batch_size=config.eval_batch_size // process_count,
       process_index=process_index,
       process_count=process_count,
       prefetch_batches=data.prefetch_batches,

@@ -39,17 +39,10 @@ MIXER_SIZES = {
 R50_STAGES = (3, 4, 9)  # The hybrid's ResNet-50 root: its first three stages.
 R50_DOWNSAMPLING = 16
 
-# Override keys and their defaults: exactly `configs/common.py::vit_model_overrides()`.
-VIT_OVERRIDES = dict(
-    classifier='token', posemb='learn', num_registers=0, representation_size=None,
-    dropout_rate=0.0, attention_dropout_rate=0.0, drop_path_rate=0.0, layer_scale_init=None,
-    qk_norm=False, head_bias_init=0.0, dtype='float32', param_dtype='float32', scan=False,
-    remat_policy='none', attention_impl='auto')
-MIXER_OVERRIDES = ('head_bias_init', 'dtype', 'param_dtype')
-# Architecture fields a caller may also override (tiny models for tests and experiments).
-VIT_SHAPE_OVERRIDES = ('patch_size', 'hidden_size', 'num_layers', 'num_heads', 'mlp_dim')
-MIXER_SHAPE_OVERRIDES = ('patch_size', 'hidden_size', 'num_layers', 'tokens_mlp_dim',
-                         'channels_mlp_dim')
+# Fields that a model name decides (the rest are options: pooling, dropout, dtypes, ...).
+ARCHITECTURE_FIELDS = ('num_classes', 'patch_size', 'hidden_size', 'num_layers', 'num_heads',
+                       'mlp_dim', 'tokens_mlp_dim', 'channels_mlp_dim', 'resnet_layers',
+                       'resnet_width')
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 _NAME = re.compile(r'^(R50\+ViT|ViT|Mixer)-([A-Za-z]+)/(\d+)$')
@@ -100,38 +93,26 @@ def model_kwargs(name, num_classes, **overrides):
   Args:
     name: a model name (see the module docstring).
     num_classes: classes of the head; None or 0: no head (features out).
-    **overrides: the keys of `configs/common.py::vit_model_overrides()` (for Mixer only
-      dtype, param_dtype and head_bias_init; the other keys are accepted there only at their
-      ViT default, so a whole `config.model` can be passed), plus architecture fields
-      (patch_size, hidden_size, num_layers, num_heads / tokens_mlp_dim, mlp_dim /
-      channels_mlp_dim).
+    **overrides: fields of the module the name picks (`VisionTransformer` or `MlpMixer`), e.g.
+      classifier='gap' or hidden_size=64; None means "the name's or the field's default". A
+      field the module does not have is a UserError, never silently dropped.
 
   Returns:
     A dict; `decode_name(name)[0](**model_kwargs(...))` is the model.
   """
   model_cls, fields = decode_name(name)
+  settable = [f.name for f in dataclasses.fields(model_cls)
+              if f.name not in ('parent', 'name', 'num_classes')]
   defaults = {f.name: f.default for f in dataclasses.fields(model_cls)
-              if f.name not in ('parent', 'name') and f.default is not dataclasses.MISSING}
+              if f.name in settable and f.default is not dataclasses.MISSING}
   fields = {**defaults, **fields}
-  # An architecture field left at None means "as the name says" (configs declare them so).
-  overrides = {key: value for key, value in overrides.items()
-               if not (value is None and key in VIT_SHAPE_OVERRIDES + MIXER_SHAPE_OVERRIDES)}
   if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 0):
     raise UserError(f'num_classes must be a non-negative int or None, got {num_classes!r}')
-  if model_cls is MlpMixer:
-    valid = MIXER_OVERRIDES + MIXER_SHAPE_OVERRIDES
-    for key in list(overrides):
-      if key in VIT_OVERRIDES and key not in valid:
-        if overrides[key] != VIT_OVERRIDES[key]:
-          raise UserError(f'override {key}={overrides[key]!r} does not apply to {name}; it '
-                          f'accepts: {", ".join(valid)}')
-        del overrides[key]  # At the ViT default: it would change nothing.
-  else:
-    valid = tuple(VIT_OVERRIDES) + VIT_SHAPE_OVERRIDES
-  unknown = sorted(set(overrides) - set(valid))
+  overrides = {key: value for key, value in overrides.items() if value is not None}
+  unknown = sorted(set(overrides) - set(settable))
   if unknown:
-    raise UserError(f'unknown model override {unknown[0]!r}; valid: {", ".join(valid)}')
-
+    raise UserError(f'model.{unknown[0]}={overrides[unknown[0]]!r} does not apply to {name}; '
+                    f'it takes: {", ".join(sorted(settable))}')
   fields.update(overrides)
   for key in ('dtype', 'param_dtype'):
     if key in fields:
@@ -139,6 +120,8 @@ def model_kwargs(name, num_classes, **overrides):
   if isinstance(fields['patch_size'], int):
     fields['patch_size'] = (fields['patch_size'], fields['patch_size'])
   fields['patch_size'] = tuple(fields['patch_size'])
+  if fields.get('resnet_layers') is not None:
+    fields['resnet_layers'] = tuple(fields['resnet_layers'])
   fields['num_classes'] = num_classes
   if model_cls is VisionTransformer:
     # Checks the choices and that the heads divide the width, before anything is built.
@@ -161,7 +144,7 @@ def count_params(name, num_classes=1000, image_size=224, **overrides):
 
 
 __all__ = [
-    'MlpMixer', 'VisionTransformer', 'count_params', 'create_model', 'decode_name',
+    'ARCHITECTURE_FIELDS', 'MlpMixer', 'VisionTransformer', 'count_params', 'create_model', 'decode_name',
     'layers_to_scan', 'model_kwargs', 'posemb_prefix_tokens', 'resize_posemb',
     'scan_to_layers',
 ]

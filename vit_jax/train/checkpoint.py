@@ -6,16 +6,12 @@ pass an abstract target (shapes, dtypes and shardings): without one Orbax return
 the optimizer state loses its types.
 """
 
-import json
-import os
-
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from vit_jax.errors import UserError
-
-CHECKPOINT_SUBDIR = 'checkpoints'
+from vit_jax.train import workdir as workdir_lib
 
 
 def _train_state_item(state):
@@ -31,17 +27,12 @@ def _train_state_item(state):
   return item
 
 
-def has_checkpoints(workdir):
-  """Whether `workdir` holds at least one finished checkpoint (read without writing)."""
-  directory = os.path.join(workdir, CHECKPOINT_SUBDIR)
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
-
-
 class Checkpointer:
   """Async saves every so often, keep-N, and restore of the newest checkpoint that reads."""
 
-  def __init__(self, workdir, keep=3, async_save=True):
-    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_SUBDIR))
+  def __init__(self, directory, keep=3, async_save=True):
+    """`directory`: the workdir's checkpoints folder (`RunFiles.checkpoints`), an epath."""
+    self.directory = directory
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(
@@ -95,33 +86,19 @@ class Checkpointer:
     self._manager.close()
 
 
-def read_config(workdir):
-  """The `ml_collections.ConfigDict` a run in `workdir` was trained with."""
-  import ml_collections
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise UserError(f'{workdir} holds no config.json: not a vit_jax training workdir')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def read_class_names(workdir):
-  """The class names a run was trained on (`class_names.json`)."""
-  with open(os.path.join(workdir, 'class_names.json')) as f:
-    return json.load(f)
-
-
 def restore(workdir, step=None):
   """`(model, params, config)` from a training workdir: the latest step, or `step`.
 
-  Builds the model from the saved config and reads only the params (no optimizer, no data), onto
-  the default device; works on a CPU-only machine for a checkpoint written anywhere.
+  Builds the model from the saved (resolved) config and reads only the params (no optimizer,
+  no data), onto the default device; works on a CPU-only machine for a checkpoint written
+  anywhere, local or `gs://`.
   """
-  from vit_jax import build  # Imported here: the model is needed only once there is a workdir.
+  from vit_jax.train import build  # Imported here: the model is needed only once there is a workdir.
   import jax.numpy as jnp
 
-  config = read_config(workdir)
-  num_classes = len(read_class_names(workdir))
+  files = workdir_lib.RunFiles(workdir)
+  config = files.read_config()
+  num_classes = len(files.read_class_names())
   model = build.model_from_config(config, num_classes)
   image_shape = (1, config.image_size, config.image_size, 3)
   abstract_params = jax.eval_shape(
@@ -131,19 +108,41 @@ def restore(workdir, step=None):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device_sharding),
       abstract_params)
 
-  directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_SUBDIR))
-  manager = ocp.CheckpointManager(directory, item_names=('params', 'train_state'))
+  manager = ocp.CheckpointManager(files.checkpoints, item_names=('params', 'train_state'))
   steps = sorted(manager.all_steps())
   if not steps:
-    raise UserError(f'no checkpoints in {directory}')
+    raise UserError(f'no checkpoints in {files.checkpoints}')
   if step is None:
     step = steps[-1]
   elif step not in steps:
-    raise UserError(f'no checkpoint at step {step} in {directory}; steps there: {steps}')
+    raise UserError(f'no checkpoint at step {step} in {files.checkpoints}; steps there: {steps}')
   restored = manager.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(abstract_params)))
   manager.close()
   return model, restored['params'], config
+
+
+def restore_train_state(workdir, step=None):
+  """The full `TrainState` (params, optimizer state, EMA, counters) of a workdir's checkpoint.
+
+  For inspecting or comparing runs; `restore` is the lighter params-only path.
+  """
+  from vit_jax.train import build  # pylint: disable=g-import-not-at-top
+  files = workdir_lib.RunFiles(workdir)
+  config = files.read_config()
+  num_classes = len(files.read_class_names())
+  abstract_state = build.parts(config, num_classes).abstract_state
+  checkpointer = Checkpointer(files.checkpoints, keep=config.keep_checkpoints)
+  try:
+    if step is None:
+      state, _ = checkpointer.restore_latest(abstract_state)
+    else:
+      state = checkpointer.restore(step, abstract_state)
+  finally:
+    checkpointer.close()
+  if state is None:
+    raise UserError(f'no readable checkpoint in {checkpointer.directory}')
+  return state
 
 
 def tree_digest(tree):

@@ -1,12 +1,11 @@
-"""From a config to the objects a run is made of: model, initial state, and the jitted steps.
+"""From a resolved config to the objects a run is made of: model, initial state, jitted steps.
 
 One place, so the trainer, the benchmark, the FLOP counter and `restore` build exactly the same
-model and the same steps (sharded the same way, the state donated the same way).
+model and the same steps (sharded the same way, the state donated the same way). Every function
+takes the config `vit_jax.train.config.resolve` returned: nothing here fills a default.
 """
 
 import functools
-import os
-import re
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -14,39 +13,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import models
-from vit_jax import optim
-from vit_jax import sharding
-from vit_jax import step as step_lib
-from vit_jax.errors import UserError
+from vit_jax.train import optim
+from vit_jax.train import sharding
+from vit_jax.train import step as step_lib
 
 
-_XLA_FLAG = re.compile(r'--\w+(=\S*)?')
-
-
-def apply_xla_flags(config, environ=None):
-  """Appends `config.xla_flags` to XLA_FLAGS in `environ` (default os.environ); returns them.
-
-  XLA reads XLA_FLAGS once, when the first backend starts, so the command-line tools call this
-  right after parsing their flags, before anything touches a device (in a notebook whose jax has
-  already started, it changes nothing). The environment's flags stay first and the config's come
-  last, and a flag given twice takes its last value. A token that is not `--name[=value]` is a
-  UserError; a well-formed name XLA does not know stops XLA itself when the backend starts.
-  """
-  environ = os.environ if environ is None else environ
-  added = config.get('xla_flags', '') or ''
-  for token in added.split():
-    if not _XLA_FLAG.fullmatch(token):
-      raise UserError(f'xla_flags: {token!r} is not an XLA flag; write --name=value, '
-                      f'e.g. --xla_gpu_enable_latency_hiding_scheduler=true')
-  if added.split():
-    environ['XLA_FLAGS'] = ' '.join([environ.get('XLA_FLAGS', ''), *added.split()]).strip()
-  return environ.get('XLA_FLAGS', '')
+def _check_resolved(config):
+  if 'model_fields' not in config:
+    raise TypeError('build needs a resolved config: pass vit_jax.train.config.resolve(config)')
 
 
 def model_from_config(config, num_classes, **extra_overrides):
-  """`models.create_model` for `config.model_name` with the overrides in `config.model`."""
-  overrides = {**config.model.to_dict(), **extra_overrides}
-  return models.create_model(config.model_name, num_classes, **overrides)
+  """The Flax module of a resolved config, with a `num_classes` head (None: features out)."""
+  _check_resolved(config)
+  fields = {**config.model_fields, **extra_overrides}
+  return models.create_model(config.model_name, num_classes, **fields)
 
 
 def state_initializer(config, model, tx, mesh):
@@ -121,7 +102,7 @@ def parts(config, num_classes, mesh=None, **model_overrides):
 
 def abstract_batch(config, size, with_mask=False):
   """Shapes and dtypes of a global batch of `size` as the host delivers it (for lowering)."""
-  host_size = config.data.host_image_size or config.image_size
+  host_size = config.data.host_image_size
   batch = {'images': jax.ShapeDtypeStruct((size, host_size, host_size, 3), np.uint8),
            'labels': jax.ShapeDtypeStruct((size,), np.int32)}
   if with_mask:

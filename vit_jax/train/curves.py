@@ -1,21 +1,16 @@
 """Training curves from workdirs' `metrics.jsonl`: loss, test accuracy, learning rate, img/s.
 
-  python -m vit_jax.plot WORKDIR [WORKDIR ...] [--out curves.png]
-
 Runs are overlaid, one colour each, labelled by workdir name. A metric a run never logged is
 skipped for that run (a panel no run logged says so). The trainer calls `plot_workdirs` at each
 eval to refresh `curves.png` in its workdir.
 """
 
-import argparse
 import json
 import os
-import sys
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from vit_jax import errors
 from vit_jax.errors import UserError
 
 # (panel title, y label, [(metric key, line style, legend suffix)], log-scale y)
@@ -112,19 +107,10 @@ def curves_figure(workdirs):
   return fig
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(
-      prog='python -m vit_jax.plot', description='Training curves from workdirs.')
-  parser.add_argument('workdirs', nargs='+', metavar='WORKDIR')
-  parser.add_argument('--out', default='curves.png', help='PNG to write (default: curves.png)')
-  args = parser.parse_args(argv)
+def refresh(files):
+  """Redraws a run's `curves.png` from its metrics.jsonl; a plotting failure never stops
+  training (it is reported as a warning)."""
   try:
-    plot_workdirs(args.workdirs, args.out)
-  except UserError as e:
-    return errors.report(e)
-  print(f'wrote {args.out}')
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())
+    plot_workdirs([os.fspath(files.root)], os.fspath(files.curves_png))
+  except Exception as e:  # pylint: disable=broad-except
+    print(f'warning: could not refresh curves.png ({type(e).__name__}: {e})')

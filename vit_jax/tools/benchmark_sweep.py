@@ -1,16 +1,16 @@
 r"""The GPU fast-path sweep as one command: the baseline and every switch, each timed on its own.
 
-Each variant is one `python -m vit_jax.benchmark` run in its own subprocess, so a variant that
+Each variant is one `python -m vit_jax.tools.benchmark` run in its own subprocess, so a variant that
 runs out of memory, or one whose XLA_FLAGS (read only when the backend starts) break XLA,
 cannot poison the others. Each variant's JSON line is appended to --out as soon as it finishes,
 so a command cut off at a time limit keeps what it did; a failed variant is recorded as a row
 with an "error" and the sweep goes on. A markdown table comparing every variant with the
 baseline is printed last.
 
-  python -m vit_jax.benchmark_sweep --out results.jsonl [--only baseline,attention=xla,...]
+  python -m vit_jax.tools.benchmark_sweep --out results.jsonl [--only baseline,attention=xla,...]
       [--skip_done] [--timeout 600] [--budget SECONDS] [-- <extra benchmark args>]
-  python -m vit_jax.benchmark_sweep --table results.jsonl   # re-print the table from a file
-  python -m vit_jax.benchmark_sweep --list                  # the variants and their args
+  python -m vit_jax.tools.benchmark_sweep --table results.jsonl   # re-print the table from a file
+  python -m vit_jax.tools.benchmark_sweep --list                  # the variants and their args
 
 Everything after `--` is passed to every variant after its own args, so it overrides them
 (a later `--config.x=` wins), e.g. to shrink the model on CPU.
@@ -23,13 +23,13 @@ it before the sweep (BENCHMARKS.md has the recipe). $OUT starts empty in every c
 writes its own file; join them back here and re-print the table:
 
   # device call 1
-  python -m vit_jax.benchmark_sweep --out $OUT/sweep1.jsonl --budget 420 --timeout 300 \
+  python -m vit_jax.tools.benchmark_sweep --out $OUT/sweep1.jsonl --budget 420 --timeout 300 \
       --only baseline,attention=xla,attention=cudnn,dtype=float32,remat=dots,remat=dots_no_batch,remat=full,scan,dropout=0.1,dropout=0.1+prng=unsafe_rbg
   # device call 2 (the baseline again: each file then has one from the same machine)
-  python -m vit_jax.benchmark_sweep --out $OUT/sweep2.jsonl --budget 420 --timeout 300 \
+  python -m vit_jax.tools.benchmark_sweep --out $OUT/sweep2.jsonl --budget 420 --timeout 300 \
       --only baseline,batch=128,batch=512,batch=1024,batch=1024+remat=dots,max_batch,max_batch+remat=dots,eval_batch=1024,host_size=32,xla:latency_hiding,xla:no_triton_gemm
   # back here
-  cat sweep1.jsonl sweep2.jsonl > sweep.jsonl && python -m vit_jax.benchmark_sweep --table sweep.jsonl
+  cat sweep1.jsonl sweep2.jsonl > sweep.jsonl && python -m vit_jax.tools.benchmark_sweep --table sweep.jsonl
 
 --budget starts no new variant after that many seconds, so the command ends inside the device's
 10 minutes with its file whole. To finish a call that stopped short, put its file back in the
@@ -110,7 +110,7 @@ def select_variants(only=None):
 
 
 def benchmark_args(variant_args, extra_args=()):
-  """The arguments after `python -m vit_jax.benchmark`: base, the variant's, then the extras."""
+  """The arguments after `python -m vit_jax.tools.benchmark`: base, the variant's, then the extras."""
   return [*BASE_ARGS, *variant_args, *extra_args]
 
 
@@ -154,7 +154,7 @@ def run_variant(name, variant_args, extra_args=(), timeout=600):
   args = benchmark_args(variant_args, extra_args)
   start = time.perf_counter()
   try:
-    result = subprocess.run([sys.executable, '-m', 'vit_jax.benchmark', *args], cwd=REPO_ROOT,
+    result = subprocess.run([sys.executable, '-m', 'vit_jax.tools.benchmark', *args], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=timeout, check=False)
   except subprocess.TimeoutExpired:  # subprocess.run has killed it.
     return make_row(name, args, time.perf_counter() - start,
@@ -277,7 +277,7 @@ def _versus(row, baseline):
 
 def format_list(variants=VARIANTS, extra_args=()):
   """The variants, one a line: name and the args it adds."""
-  lines = [f'every variant runs: python -m vit_jax.benchmark {" ".join(BASE_ARGS)} <its args>'
+  lines = [f'every variant runs: python -m vit_jax.tools.benchmark {" ".join(BASE_ARGS)} <its args>'
            + (f' {" ".join(extra_args)}' if extra_args else '')]
   width = max(len(name) for name, _ in variants)
   for name, variant_args in variants:
@@ -295,8 +295,8 @@ def main(argv=None):
     split = argv.index('--')
     argv, extra_args = argv[:split], argv[split + 1:]
   parser = argparse.ArgumentParser(
-      prog='python -m vit_jax.benchmark_sweep', allow_abbrev=False,
-      description='Runs the baseline and each fast-path switch of `python -m vit_jax.benchmark` '
+      prog='python -m vit_jax.tools.benchmark_sweep', allow_abbrev=False,
+      description='Runs the baseline and each fast-path switch of `python -m vit_jax.tools.benchmark` '
                   'in its own subprocess, appends each JSON line to --out, prints a table. '
                   'Arguments after -- go to every benchmark run, after its own.')
   mode = parser.add_mutually_exclusive_group(required=True)
@@ -334,7 +334,7 @@ def main(argv=None):
       raise UserError(f'the folder of --out {args.out!r} does not exist')
     new_rows = run_sweep(variants, args.out, extra_args, args.timeout, args.skip_done,
                          args.budget)
-  except UserError as e:
+  except errors.REPORTED as e:
     return errors.report(e)
   failed = [row['variant'] for row in new_rows if 'error' in row]
   if failed:  # Recorded in the file and the table; a failure is a result, not a crash.

@@ -9,7 +9,10 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
+
+from vit_jax.train import flops as flops_lib
 
 
 def _tensorboard_writer(logdir):
@@ -22,12 +25,13 @@ def _tensorboard_writer(logdir):
 
 
 class MetricWriter:
-  """Appends `{'step': s, **scalars}` to `metrics.jsonl` and to TensorBoard in `workdir`."""
+  """Appends `{'step': s, **scalars}` to `metrics.jsonl` and to TensorBoard in a workdir."""
 
-  def __init__(self, workdir, enabled=True):
+  def __init__(self, files, enabled=True):
+    """`files`: the run's `vit_jax.train.workdir.RunFiles`."""
     self.enabled = enabled
-    self.jsonl_path = os.path.join(workdir, 'metrics.jsonl')
-    self._tensorboard = _tensorboard_writer(workdir) if enabled else None
+    self.jsonl_path = os.fspath(files.metrics_jsonl)
+    self._tensorboard = _tensorboard_writer(os.fspath(files.root)) if enabled else None
 
   def write(self, step, scalars):
     """Writes plain Python/numpy scalars for `step`."""
@@ -81,3 +85,49 @@ class Progress:
       eta = (self.total_steps - step) / steps_per_sec
       line += f' | {img_per_sec:,.0f} img/s | ETA {_format_seconds(eta)}'
     print(line, file=self.stream, flush=True)
+
+
+class TrainLog:
+  """Train metrics of a log step, held on the device and fetched after the next step is
+  dispatched, so the host never makes the device wait; img/s and MFU over the interval.
+
+  `check(fetched)` sees every fetched set first (the loop stops a diverged run there).
+  """
+
+  def __init__(self, global_batch_size, flops_per_step, writer, progress, check):
+    self._global_batch_size, self._flops_per_step = global_batch_size, flops_per_step
+    self._writer, self._progress, self._check = writer, progress, check
+    self._held = None  # (step, metrics on device)
+    self._clock = None  # (time, step) of the last fetch
+
+  def start_clock(self, step):
+    """Rates are measured from here: after `step`, the first (compiling) one, has finished."""
+    self._clock = (time.perf_counter(), step)
+
+  def hold(self, step, metrics):
+    self._held = (step, metrics)
+
+  def flush(self):
+    """Fetches and writes the held metrics (if any)."""
+    if self._held is None:
+      return
+    step, metrics = self._held
+    self._held = None
+    fetched = jax.device_get(metrics)
+    self._check(fetched)
+    scalars = {name: float(value) for name, value in fetched.items()
+               if name != 'first_nonfinite_step'}
+    now = time.perf_counter()
+    clock_time, clock_step = self._clock
+    steps_per_sec = None
+    if step > clock_step:  # No interval to measure before the first step has finished.
+      seconds_per_step = (now - clock_time) / (step - clock_step)
+      steps_per_sec = 1.0 / seconds_per_step
+      scalars['img_per_sec'] = self._global_batch_size * steps_per_sec
+      train_mfu = flops_lib.mfu(self._flops_per_step, seconds_per_step)
+      if train_mfu is not None:
+        scalars['train_mfu'] = train_mfu
+      self._clock = (now, step)
+    self._writer.write(step, scalars)
+    self._progress.update(step, scalars['train_loss'], scalars.get('img_per_sec'),
+                          steps_per_sec)

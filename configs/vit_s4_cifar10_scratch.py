@@ -1,6 +1,6 @@
 """ViT-S/4 from scratch on CIFAR-10 at 32 px: the small-data recipe (strong augmentation).
 
-  python train.py --config configs/vit_s16_cifar10_scratch.py
+  python train.py --config configs/vit_s4_cifar10_scratch.py
 
 4×4 patches on 32 px images (64 tokens), `gap` pooling, AdamW (lr 1e-3, weight decay 0.05),
 RandAugment 2/9, mixup 0.8 + cutmix 1.0, label smoothing 0.1, drop-path 0.1, batch 256, 300
@@ -9,11 +9,11 @@ trained from scratch on CIFAR-10 with this kind of augmentation (e.g. Lee et al.
 Transformer for Small-Size Datasets"); not yet measured with this code base.
 """
 
-from configs import common
+from vit_jax.train import config as config_lib
 
 
 def get_config():
-  config = common.get_config()
+  config = config_lib.defaults()
   config.model_name = 'ViT-S/4'
   config.model.classifier = 'gap'
   config.model.drop_path_rate = 0.1

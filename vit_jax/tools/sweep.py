@@ -3,7 +3,7 @@
 A sweep file is plain Python, like a config:
 
     # configs/sweeps/quickstart_lr_wd.py
-    from vit_jax.sweep import axis, product
+    from vit_jax.tools.sweep import axis, product
     base_config = 'configs/quickstart.py'
     def get_sweep():
       return product(axis('schedule.base_lr', [1e-3, 3e-3]),
@@ -13,12 +13,12 @@ A sweep file is plain Python, like a config:
 `zipit` pairs values up, a hand-written list works as well). Every point is one ordinary
 `train.py` command line, so a sweep is literally a list of commands:
 
-    python -m vit_jax.sweep configs/sweeps/quickstart_lr_wd.py [--config.total_steps=5 ...]
+    python -m vit_jax.tools.sweep configs/sweeps/quickstart_lr_wd.py [--config.total_steps=5 ...]
         runs the points one after another, each in its own workdir under
         workdirs/sweeps/<sweep name>/ (--workdir_root), skipping points already finished;
-    python -m vit_jax.sweep configs/sweeps/quickstart_lr_wd.py --print
+    python -m vit_jax.tools.sweep configs/sweeps/quickstart_lr_wd.py --print
         prints the commands instead, one a line, for a TPU VM or a job scheduler;
-    python -m vit_jax.sweep summarize workdirs/sweeps/quickstart_lr_wd
+    python -m vit_jax.tools.sweep summarize workdirs/sweeps/quickstart_lr_wd
         prints a table of what differs between the runs and their final metrics, and writes
         summary.md, summary.csv and curves.png into that folder.
 """
@@ -39,6 +39,8 @@ import subprocess
 import sys
 
 from vit_jax import errors
+from vit_jax.train import cli
+from vit_jax.train import config as config_lib
 from vit_jax.errors import UserError
 
 DEFAULT_WORKDIR_ROOT = 'workdirs/sweeps'
@@ -92,9 +94,7 @@ class Sweep:
 def _load_module(path, what):
   if not os.path.isfile(path):
     raise UserError(f'{what} {path!r} does not exist; give the path of a .py file')
-  # Sweep files and configs import siblings (`from configs import common`) from the repo root.
-  if os.getcwd() not in sys.path:
-    sys.path.insert(0, os.getcwd())
+  cli.allow_sibling_imports(path)
   spec = importlib.util.spec_from_file_location(
       os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
@@ -306,7 +306,8 @@ def find_runs(sweep_dir):
 
 def summary_table(run_dirs):
   """(header, rows): run name, the config keys that differ between runs, status, final metrics."""
-  configs = [_flatten(_read_json(os.path.join(d, 'config.json'))) for d in run_dirs]
+  configs = [_flatten(config_lib.config_of_record(_read_json(os.path.join(d, 'config.json'))))
+             for d in run_dirs]
   all_keys = sorted({k for c in configs for k in c})
   _missing = object()
   varied = [k for k in all_keys
@@ -367,7 +368,7 @@ def summarize(sweep_dir, plot=True):
   with open(os.path.join(sweep_dir, 'summary.csv'), 'w') as f:
     f.write(to_csv(header, rows))
   if plot:
-    from vit_jax import plot as plot_lib  # matplotlib is slow to import; only when plotting.
+    from vit_jax.train import curves as plot_lib  # matplotlib is slow to import; only when plotting.
     plot_lib.plot_workdirs(run_dirs, os.path.join(sweep_dir, 'curves.png'))
   return header, rows
 
@@ -376,7 +377,7 @@ def summarize(sweep_dir, plot=True):
 
 def _summarize_main(argv):
   parser = argparse.ArgumentParser(
-      prog='python -m vit_jax.sweep summarize', allow_abbrev=False,
+      prog='python -m vit_jax.tools.sweep summarize', allow_abbrev=False,
       description='Tabulates the runs of a sweep: differing config values and final metrics.')
   parser.add_argument('sweep_dir', help='the folder holding one workdir per point')
   parser.add_argument('--format', choices=('markdown', 'csv'), default='markdown',
@@ -393,7 +394,7 @@ def _summarize_main(argv):
 
 def _run_main(argv):
   parser = argparse.ArgumentParser(
-      prog='python -m vit_jax.sweep', allow_abbrev=False,
+      prog='python -m vit_jax.tools.sweep', allow_abbrev=False,
       description='Runs (or prints) every point of a sweep file. Extra --config.<key>=<value> '
                   'arguments are passed to every point. "summarize DIR" tabulates the results.')
   parser.add_argument('sweep_file', help='e.g. configs/sweeps/quickstart_lr_wd.py')
@@ -426,7 +427,7 @@ def _run_main(argv):
           file=sys.stderr)
     return 1
   print(f'all {len(commands)} points finished; summary: '
-        f'python -m vit_jax.sweep summarize {shlex.quote(workdir_root)}')
+        f'python -m vit_jax.tools.sweep summarize {shlex.quote(workdir_root)}')
   return 0
 
 
@@ -436,7 +437,7 @@ def main(argv=None):
     if argv and argv[0] == 'summarize':
       return _summarize_main(argv[1:])
     return _run_main(argv)
-  except UserError as e:
+  except errors.REPORTED as e:
     return errors.report(e)
 
 

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 import safetensors.numpy
 
 from vit_jax.errors import UserError
-from vit_jax.formats import tree
+from vit_jax.weights import tree
 
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'

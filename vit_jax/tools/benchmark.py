@@ -1,13 +1,13 @@
 r"""Times a config's real train and eval steps on the device, and its input pipeline on the host.
 
-  python -m vit_jax.benchmark --config configs/vit_b16_cifar10.py --config.image_size=224 \
+  python -m vit_jax.tools.benchmark --config configs/vit_b16_cifar10.py --config.image_size=224 \
       --config.model.dtype=bfloat16 --config.batch_size=256 --skip_data
 
-The steps are the trainer's own (`vit_jax.step`, jitted with the same shardings and donation),
+The steps are the trainer's own (`vit_jax.train.step`, jitted with the same shardings and donation),
 fed one synthetic batch of uint8 images at the host size that is placed on the device once and
 reused, so the figures hold the device's work alone. The input pipeline (decode, augment, batch)
 is timed separately through `vit_jax.data.measure_host_throughput`. MFU is the step's model
-FLOPs (XLA's cost analysis with scan and remat off, `vit_jax.flops.model_flops_per_step`) per
+FLOPs (XLA's cost analysis with scan and remat off, `vit_jax.train.flops.model_flops_per_step`) per
 device, divided by step time and the device's peak bf16 FLOP/s; it is null where the peak is
 unknown (CPU). The last line printed is one JSON object.
 """
@@ -21,7 +21,7 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-from vit_jax import cli
+from vit_jax.train import cli
 from vit_jax import errors
 from vit_jax.errors import UserError
 
@@ -55,7 +55,7 @@ def parse_flags(argv):
       memory_limit_gib=flags.DEFINE_float(
           'memory_limit_gib', None, 'Memory per device for --max_batch; default: 95%% of what '
           'the device reports (CPU reports none).'))
-  config = cli.load_config(argv, config_flag, 'python -m vit_jax.benchmark')
+  config = cli.load_config(argv, config_flag, 'python -m vit_jax.tools.benchmark')
   options = {name: holder.value for name, holder in options.items()}
   for name, least in (('steps', 1), ('repeats', 1), ('warmup', 0), ('data_batches', 1)):
     if options[name] < least:
@@ -96,7 +96,8 @@ def time_calls(call, steps, repeats):
 def synthetic_batch(config, size, num_classes, mesh, rng, with_mask=False):
   """A random global batch of `size` uint8 images at the host size, laid out on `mesh`."""
   import numpy as np
-  from vit_jax import build, sharding
+  from vit_jax.train import build
+  from vit_jax.train import sharding
   shapes = build.abstract_batch(config, size, with_mask)
   batch = {'images': rng.integers(0, 256, shapes['images'].shape, np.uint8),
            'labels': rng.integers(0, num_classes, (size,), np.int32)}
@@ -109,16 +110,15 @@ def benchmark_steps(config, num_classes, steps, repeats, warmup):
   """Compiles and times the trainer's train and eval steps on one synthetic device batch."""
   import jax
   import numpy as np
-  from vit_jax import build, trainer
-  from vit_jax import flops as flops_lib
+  from vit_jax.train import build
+  from vit_jax.train import flops as flops_lib
 
-  trainer.validate_config(config, jax.device_count())
   run_parts = build.parts(config, num_classes)
   state = run_parts.new_state()
 
   # Synthetic uint8 batches at the size the host would deliver, put on the device once.
   rng = np.random.default_rng(config.seed)
-  eval_batch_size = config.eval_batch_size or config.batch_size
+  eval_batch_size = config.eval_batch_size
   train_batch = synthetic_batch(config, config.batch_size, num_classes, run_parts.mesh, rng)
   eval_batch = synthetic_batch(config, eval_batch_size, num_classes, run_parts.mesh, rng,
                                with_mask=True)
@@ -169,7 +169,7 @@ def benchmark_steps(config, num_classes, steps, repeats, warmup):
 def _peak_memory(compiled_train):
   """(bytes, where from): the allocator's peak where the backend keeps one, else XLA's plan."""
   import jax
-  from vit_jax import memory
+  from vit_jax.tools import memory
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
     return int(stats['peak_bytes_in_use']), 'device allocator peak'
@@ -189,7 +189,7 @@ def find_max_batch(config, num_classes, memory_limit_gib=None):
   of what the device's allocator may use; a device that reports no limit (CPU) needs the flag.
   """
   import jax
-  from vit_jax import memory
+  from vit_jax.tools import memory
   if memory_limit_gib is not None:
     limit = int(memory_limit_gib * 2**30)
   else:
@@ -227,8 +227,10 @@ def run(config, *, num_classes=None, steps=10, repeats=3, warmup=2, skip_data=Fa
   import flax
   import jax
   import jaxlib
-  from vit_jax import flops as flops_lib
+  from vit_jax.train import config as config_lib
+  from vit_jax.train import flops as flops_lib
   from vit_jax import models
+  requested, config = config, config_lib.resolve(config, jax.device_count())
   data_img_per_sec, data_classes, data_error = None, None, 'skipped (--skip_data)'
   if not skip_data:
     data_img_per_sec, data_classes, data_error = measure_data(config, data_batches)
@@ -236,9 +238,10 @@ def run(config, *, num_classes=None, steps=10, repeats=3, warmup=2, skip_data=Fa
   search = {}
   if max_batch:
     search = find_max_batch(config, num_classes, memory_limit_gib)
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-      config.batch_size = search['max_batch_size']
+    requested = requested.copy_and_resolve_references()
+    with requested.unlocked():
+      requested.batch_size = search['max_batch_size']
+    config = config_lib.resolve(requested, jax.device_count())
   device = jax.devices()[0]
   results = {
       'date': time.strftime('%Y-%m-%d'),
@@ -251,9 +254,9 @@ def run(config, *, num_classes=None, steps=10, repeats=3, warmup=2, skip_data=Fa
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'model_name': config.model_name,
       'image_size': config.image_size,
-      'host_image_size': config.data.host_image_size or config.image_size,
+      'host_image_size': config.data.host_image_size,
       'batch_size': config.batch_size,
-      'eval_batch_size': config.eval_batch_size or config.batch_size,
+      'eval_batch_size': config.eval_batch_size,
       'num_classes': num_classes,
       'model_overrides': {k: v for k, v in config.model.to_dict().items() if v is not None},
   }
@@ -318,15 +321,20 @@ def format_table(results):
 
 def main(argv):
   config, options = parse_flags(argv)
-  from vit_jax import build
-  build.apply_xla_flags(config)  # Before the backend starts: XLA reads XLA_FLAGS once.
+  cli.apply_xla_flags(config)  # Before the backend starts: XLA reads XLA_FLAGS once.
   results = run(config, **options)
   print(format_table(results))
   print(json.dumps(results), flush=True)
 
 
-if __name__ == '__main__':
+def run_command(argv=None):
+  """`main` as a command: a reported error becomes its one line and exit status."""
   try:
-    main(sys.argv)
-  except UserError as e:
-    sys.exit(errors.report(e))
+    main(sys.argv if argv is None else argv)
+  except errors.REPORTED as e:
+    return errors.report(e)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(run_command())

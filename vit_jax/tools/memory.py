@@ -38,10 +38,10 @@ def device_memory_limit(device=None):
 def train_step_planner(config, num_classes):
   """`plan_for(batch_size)`: XLA's memory plan per device of the config's train step.
 
-  The step is the trainer's own (`vit_jax.build`), built once and compiled for abstract inputs
+  The step is the trainer's own (`vit_jax.train.build`), built once and compiled for abstract inputs
   at each batch size asked: no state or batch is allocated.
   """
-  from vit_jax import build  # pylint: disable=g-import-not-at-top
+  from vit_jax.train import build  # pylint: disable=g-import-not-at-top
   run_parts = build.parts(config, num_classes)
 
   def plan_for(batch_size):

@@ -1,9 +1,9 @@
 """Weights in and out: published `.npz`, big_vision `.npz`, HF transformers, timm, train.py workdirs.
 
-  python -m vit_jax.convert ViT-B_16.npz hf_vit_b16/          # npz -> HF directory
-  python -m vit_jax.convert hf_vit_b16/ back.npz              # HF -> npz (timm reads it too)
-  python -m vit_jax.convert workdir/ model.npz                # a training run's latest step
-  python -m vit_jax.convert ViT-B_16.npz hf/ --model ViT-B/16 --num_classes 10 --image_size 384
+  python -m vit_jax.tools.convert ViT-B_16.npz hf_vit_b16/          # npz -> HF directory
+  python -m vit_jax.tools.convert hf_vit_b16/ back.npz              # HF -> npz (timm reads it too)
+  python -m vit_jax.tools.convert workdir/ model.npz                # a training run's latest step
+  python -m vit_jax.tools.convert ViT-B_16.npz hf/ --model ViT-B/16 --num_classes 10 --image_size 384
 
 Formats are read from the path (a `.npz` suffix; a directory's files) or forced with
 `--from` / `--to`. With `--model`, `--num_classes` or `--image_size` the weights are fitted to
@@ -30,7 +30,7 @@ import numpy as np
 from vit_jax import models
 from vit_jax import errors
 from vit_jax.errors import UserError
-from vit_jax.formats import hf, npz, tree, workdir
+from vit_jax.weights import hf, npz, tree, workdir
 from vit_jax.models import layout
 
 READ_FORMATS = ('npz', 'hf', 'timm', 'workdir')
@@ -458,7 +458,7 @@ def convert(src, dst, src_format='auto', dst_format='auto', model_name=None, num
 
 def main(argv=None):
   parser = argparse.ArgumentParser(
-      prog='python -m vit_jax.convert',
+      prog='python -m vit_jax.tools.convert',
       description='Convert ViT weights between vit_jax/big_vision .npz, HuggingFace, timm and '
                   'train.py workdirs.')
   parser.add_argument('src', help='.npz file, HF directory, or train.py workdir / step folder')
@@ -474,9 +474,10 @@ def main(argv=None):
   try:
     convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format,
             model_name=args.model, num_classes=args.num_classes, image_size=args.image_size)
-  except UserError as e:
-    sys.exit(errors.report(e))
+  except errors.REPORTED as e:
+    return errors.report(e)
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

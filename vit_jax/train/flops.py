@@ -108,7 +108,8 @@ REFERENCE_MODEL_OVERRIDES = dict(scan=False, remat_policy='none')
 
 
 def model_flops_per_step(config, num_classes, eval_batch_size=None):
-  """(train, eval) model FLOPs of one global step of `config`, from XLA's cost analysis.
+  """(train, eval) model FLOPs of one global step of a resolved `config`, from XLA's cost
+  analysis.
 
   The trainer's steps are lowered (not compiled: this takes seconds) on abstract arrays, for
   the model without scan or remat and without gradient accumulation, so every layer and
@@ -116,12 +117,12 @@ def model_flops_per_step(config, num_classes, eval_batch_size=None):
   whole batch); divide by the device count for one device's share.
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from vit_jax import build  # pylint: disable=g-import-not-at-top
+  from vit_jax.train import build  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())  # An unlocked copy to change.
   config.accum_steps = 1
   run_parts = build.parts(config, num_classes, **REFERENCE_MODEL_OVERRIDES)
   state = run_parts.abstract_state
-  eval_batch_size = eval_batch_size or config.eval_batch_size or config.batch_size
+  eval_batch_size = eval_batch_size or config.eval_batch_size
   train = run_parts.train_fn.lower(state, build.abstract_batch(config, config.batch_size))
   evaluate = run_parts.eval_fn.lower(
       state.params, build.abstract_batch(config, eval_batch_size, with_mask=True))

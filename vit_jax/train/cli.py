@@ -1,6 +1,7 @@
-"""What the command-line tools share: reading --config and its overrides, with one-line errors.
+"""What the command-line tools share: reading --config and its overrides, with one-line errors,
+and handing `config.xla_flags` to XLA before the backend starts.
 
-`train.py` and `python -m vit_jax.benchmark` take the same `--config path[:arg]` and
+`train.py` and `python -m vit_jax.tools.benchmark` take the same `--config path[:arg]` and
 `--config.<key>=<value>` overrides (ml_collections' config_flags on absl); a mistake in either
 is a `UserError` of one line naming the bad flag, key or file.
 """
@@ -8,10 +9,12 @@ is a `UserError` of one line naming the bad flag, key or file.
 import ast
 import os
 import re
+import sys
 
 from absl import flags
 
 from vit_jax.errors import UserError
+from vit_jax.train import config as config_lib
 
 
 def config_argument(argv):
@@ -22,6 +25,36 @@ def config_argument(argv):
     if arg.startswith('--config='):
       return arg.partition('=')[2]
   return ''
+
+
+def allow_sibling_imports(config_path):
+  """Lets a config import its siblings (`from configs import vit`) wherever it is run from.
+
+  A config file in a package folder (one with `__init__.py`, as `configs/` is) imports the
+  package's other modules by the package's name; the folder above the package goes on sys.path
+  so that works from any working directory, as Python does for a script's own folder.
+  """
+  folder = os.path.dirname(os.path.abspath(config_path))
+  if os.path.isfile(os.path.join(folder, '__init__.py')):
+    root = os.path.dirname(folder)
+    if root not in sys.path:
+      sys.path.insert(0, root)
+
+
+def apply_xla_flags(config, environ=None):
+  """Appends `config.xla_flags` to XLA_FLAGS in `environ` (default os.environ); returns them.
+
+  XLA reads XLA_FLAGS once, when the first backend starts, so the command-line tools call this
+  right after parsing their flags, before anything touches a device (in a notebook whose jax has
+  already started, it changes nothing). The environment's flags stay first and the config's come
+  last, and a flag given twice takes its last value. A token that is not `--name[=value]` is a
+  UserError; a well-formed name XLA does not know stops XLA itself when the backend starts.
+  """
+  environ = os.environ if environ is None else environ
+  added = config_lib.xla_flag_tokens(config.get('xla_flags', ''))
+  if added:
+    environ['XLA_FLAGS'] = ' '.join([environ.get('XLA_FLAGS', ''), *added]).strip()
+  return environ.get('XLA_FLAGS', '')
 
 
 def _unknown_key_message(error, argv):
@@ -41,7 +74,7 @@ def _unknown_key_message(error, argv):
   named = next((name for name in overrides if name.rsplit('.', 1)[-1] == key), key)
   guess = re.search(r'did you mean "([^"]+)"', ' '.join(lines[1:]), re.IGNORECASE)
   hint = f'did you mean {guess.group(1)}? ' if guess else ''
-  return f'unknown config key {named} ({hint}every key is declared in configs/common.py)'
+  return f'unknown config key {named} ({hint}every key is declared in vit_jax/train/config.py)'
 
 
 def _flag_error_message(error):
@@ -67,6 +100,7 @@ def load_config(argv, config_flag, command):
   if not os.path.isfile(config_path):
     raise UserError(f'config file {config_path} does not exist (configs are in configs/, e.g. '
                     'configs/quickstart.py)')
+  allow_sibling_imports(config_path)
   try:
     flags.FLAGS(argv)
     config = config_flag.value

@@ -26,7 +26,7 @@ import zipfile
 import numpy as np
 
 from vit_jax.errors import UserError
-from vit_jax.formats import tree
+from vit_jax.weights import tree
 
 _PREFIXES = ('opt/target/', 'params/img/', 'params/')
 # linen auto-names -> the published (pre-linen) names, inside an encoder block.

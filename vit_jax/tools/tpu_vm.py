@@ -1,6 +1,6 @@
 """Train on a Cloud TPU VM: create (or reuse) it, ship the code, install, start on every worker.
 
-    python -m vit_jax.tpu_vm --name my-tpu --zone us-central2-b --accelerator_type v4-32 \\
+    python -m vit_jax.tools.tpu_vm --name my-tpu --zone us-central2-b --accelerator_type v4-32 \\
         --config configs/vit.py:b16,cifar10 --workdir gs://my-bucket/vit_b16 \\
         [--config.<key>=<value> ...] [--reuse] [--detach] [--dry_run]
 
@@ -26,7 +26,7 @@ import sys
 import tarfile
 import tempfile
 
-from vit_jax import sweep as sweep_lib
+from vit_jax.tools import sweep as sweep_lib
 from vit_jax import errors
 from vit_jax.errors import UserError
 
@@ -126,7 +126,7 @@ def train_remote_command(workdir, overrides, config=None, sweep_file=None, detac
   """The shell line each worker runs: train.py with a config, or every point of a sweep."""
   if sweep_file:
     # The sweep runs its points with the interpreter that runs it: the venv's.
-    argv = [REMOTE_PYTHON, '-m', 'vit_jax.sweep', sweep_file, '--workdir_root', workdir,
+    argv = [REMOTE_PYTHON, '-m', 'vit_jax.tools.sweep', sweep_file, '--workdir_root', workdir,
             *overrides]
   else:
     argv = sweep_lib.train_command(config, {}, workdir, overrides, python=REMOTE_PYTHON)
@@ -178,7 +178,7 @@ def check_run(config, sweep_file, overrides, workdir):
 
 def _parse(argv):
   parser = argparse.ArgumentParser(
-      prog='python -m vit_jax.tpu_vm', allow_abbrev=False,
+      prog='python -m vit_jax.tools.tpu_vm', allow_abbrev=False,
       description='Creates or reuses a TPU VM, installs vit_jax on all workers and trains there. '
                   'Extra --config.<key>=<value> arguments go to train.py.')
   parser.add_argument('--name', required=True, help='the TPU VM name')
@@ -277,7 +277,7 @@ def main(argv=None):
       follow = vm.gcloud('ssh', '--worker=0', f'--command=tail -f {REMOTE_LOG}')
       print(f'training runs in the background; follow worker 0 with: {shlex.join(follow)}')
     return 0
-  except UserError as e:
+  except errors.REPORTED as e:
     return errors.report(e)
   except RuntimeError as e:
     print(f'error: {e}', file=sys.stderr)

@@ -1,7 +1,7 @@
 """Classify images with a trained or converted ViT, and show where it looked.
 
-  python -m vit_jax.predict --workdir DIR IMAGE [IMAGE ...]
-  python -m vit_jax.predict --checkpoint PATH [--model ViT-B/16] [--num_classes 1000] \
+  python -m vit_jax.tools.predict --workdir DIR IMAGE [IMAGE ...]
+  python -m vit_jax.tools.predict --checkpoint PATH [--model ViT-B/16] [--num_classes 1000] \
       [--image_size 224] [--class_names names.json] IMAGE [IMAGE ...]
 
 Prints the top-5 classes with their probabilities for each image. `--attention_out PNG` writes
@@ -15,6 +15,7 @@ resize and [-1, 1] normalisation), so the model sees what it saw at eval.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ import sys
 import jax
 import numpy as np
 
-from vit_jax import visualize
+from vit_jax.tools import visualize
 from vit_jax import errors
 from vit_jax.errors import UserError
 
@@ -89,26 +90,27 @@ def load_workdir(workdir, step=None):
   crop_fraction, classifier, num_registers.
   """
   import vit_jax
-  from vit_jax import checkpoint
+  from vit_jax.train import workdir as workdir_lib
   model, params, config = vit_jax.restore(workdir, step=step)
   view = dict(image_size=config.image_size,
-              host_image_size=config.data.get('host_image_size') or config.image_size,
-              crop_fraction=config.aug.get('eval_crop_fraction', 1.0),
-              classifier=config.model.get('classifier', 'token'),
-              num_registers=config.model.get('num_registers', 0))
-  return model, params, checkpoint.read_class_names(workdir), view
+              host_image_size=config.data.host_image_size,
+              crop_fraction=config.aug.eval_crop_fraction,
+              classifier=config.model_fields.classifier,
+              num_registers=config.model_fields.num_registers)
+  return model, params, workdir_lib.RunFiles(workdir).read_class_names(), view
 
 
 def load_checkpoint(path, model_name=None, num_classes=None, image_size=None,
                     class_names_path=None, fmt='auto'):
   """`(model, params, class_names, view)` from converted weights (npz, HF dir, timm, workdir).
 
-  The architecture is read from the weights (`vit_jax.convert.infer_model_kwargs`); with
+  The architecture is read from the weights (`vit_jax.weights.convert.infer_model_kwargs`); with
   `model_name` the model is built from that name instead (pooling and registers still from the
   weights) and the weights must fit it. `num_classes` must match the weights' head;
   `image_size` defaults to the weights' own (position embeddings are resized to any other).
   """
-  from vit_jax import convert, models
+  from vit_jax import models
+  from vit_jax.weights import convert
   flat, metadata = convert.load_weights(path, format=fmt)
   inferred = dict(metadata.get('model_kwargs') or convert.infer_model_kwargs(flat))
   head_classes = inferred.get('num_classes')
@@ -120,8 +122,9 @@ def load_checkpoint(path, model_name=None, num_classes=None, image_size=None,
   image_size = image_size or metadata.get('image_size') or convert.infer_image_size(flat,
                                                                                     inferred)
   if model_name:
-    overrides = {key: inferred[key] for key in models.VIT_OVERRIDES
-                 if key in inferred and key not in ('dtype', 'param_dtype')}
+    options = {f.name for f in dataclasses.fields(models.VisionTransformer)}
+    options -= set(models.ARCHITECTURE_FIELDS) | {'parent', 'name', 'dtype', 'param_dtype'}
+    overrides = {key: value for key, value in inferred.items() if key in options}
     kwargs = models.model_kwargs(model_name, head_classes, **overrides)
     model = models.create_model(model_name, head_classes, **overrides)
   else:
@@ -151,7 +154,7 @@ def load_checkpoint(path, model_name=None, num_classes=None, image_size=None,
 
 def main(argv=None):
   parser = argparse.ArgumentParser(
-      prog='python -m vit_jax.predict',
+      prog='python -m vit_jax.tools.predict',
       description='Top-5 classes for images, and attention maps, from a ViT.')
   parser.add_argument('images', nargs='+', metavar='IMAGE')
   source = parser.add_argument_group('the model: a workdir, or a converted checkpoint')
@@ -173,7 +176,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   try:
     print(predict(args))
-  except UserError as e:
+  except errors.REPORTED as e:
     return errors.report(e)
   return 0
 

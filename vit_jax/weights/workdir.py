@@ -2,16 +2,17 @@
 checkpoints under `checkpoints/<step>/`. Read only: a workdir is made by training.
 
 The path may be the workdir (its latest step), its `checkpoints` folder, or one step's folder
-(`workdir/checkpoints/1000`). Reading goes through `vit_jax.checkpoint.restore`, so the model is
+(`workdir/checkpoints/1000`). Reading goes through `vit_jax.train.checkpoint.restore`, so the model is
 rebuilt from the saved config and only the params are read.
 """
 
 import dataclasses
 import os
 
-from vit_jax import checkpoint
+from vit_jax.train import checkpoint
+from vit_jax.train import workdir as workdir_lib
 from vit_jax.errors import UserError
-from vit_jax.formats import tree
+from vit_jax.weights import tree
 
 
 def locate(path):
@@ -19,14 +20,14 @@ def locate(path):
   path = os.path.abspath(path)
   candidates = [(path, None)]
   parent, name = os.path.split(path)
-  if name == checkpoint.CHECKPOINT_SUBDIR:
+  if name == workdir_lib.CHECKPOINT_SUBDIR:
     candidates.append((parent, None))
   grandparent, parent_name = os.path.split(parent)
-  if parent_name == checkpoint.CHECKPOINT_SUBDIR and name.isdigit():
+  if parent_name == workdir_lib.CHECKPOINT_SUBDIR and name.isdigit():
     candidates.append((grandparent, int(name)))
   for workdir, step in candidates:
     if (os.path.isfile(os.path.join(workdir, 'config.json'))
-        and os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR))):
+        and os.path.isdir(os.path.join(workdir, workdir_lib.CHECKPOINT_SUBDIR))):
       return workdir, step
   return None
 
@@ -40,7 +41,7 @@ def read(path):
   """
   found = locate(path)
   if found is None:
-    subdir = checkpoint.CHECKPOINT_SUBDIR
+    subdir = workdir_lib.CHECKPOINT_SUBDIR
     raise UserError(f'{path} is not a train.py workdir (no config.json and {subdir}/ in it, '
                     'nor above a step folder)')
   workdir, step = found
@@ -48,8 +49,8 @@ def read(path):
   model_kwargs = {field.name: getattr(model, field.name) for field in dataclasses.fields(model)
                   if field.name not in ('parent', 'name')}
   try:
-    class_names = checkpoint.read_class_names(workdir)
-  except (OSError, ValueError):
+    class_names = workdir_lib.RunFiles(workdir).read_class_names()
+  except UserError:
     class_names = None
   return tree.to_numpy(tree.flatten(params)), {
       'format': 'workdir', 'model_kwargs': model_kwargs, 'model_name': config.model_name,

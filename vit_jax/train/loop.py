@@ -1,0 +1,176 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Read top to bottom: resolve the config (checked once) and check the workdir, build data → model
+→ optimizer → state (resumed from the workdir's checkpoints, or loaded from a pretrained file,
+or initialised), compile the train step once, then loop: get batch, step, maybe log, maybe
+eval, maybe save. Nothing in the loop waits on the device except logging, eval and saving, and
+those fetch values that are already done while the next step runs.
+"""
+
+import itertools
+import time
+
+import jax
+import numpy as np
+
+from vit_jax import data as data_lib
+from vit_jax.errors import Diverged
+from vit_jax.train import build
+from vit_jax.train import checkpoint as checkpoint_lib
+from vit_jax.train import config as config_lib
+from vit_jax.train import curves
+from vit_jax.train import evaluate as evaluate_lib
+from vit_jax.train import flops as flops_lib
+from vit_jax.train import metrics as metrics_lib
+from vit_jax.train import prefetch
+from vit_jax.train import sharding
+from vit_jax.train import step as step_lib
+from vit_jax.train import stopping
+from vit_jax.train import workdir as workdir_lib
+
+
+def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_change=False,
+                       log=print):
+  """Trains `config` in `workdir`, resuming from its checkpoints; returns the final metrics.
+
+  `stop_at_step`: save and return after that step (as a SIGTERM would), for staged runs.
+  Raises UserError (a mistake: nothing is written), Diverged (NaN/Inf with
+  nan_policy=stop) or EnvironmentFault (the disk or storage failed).
+  """
+  is_main = jax.process_index() == 0
+  log = log if is_main else (lambda *a, **k: None)
+  config = config_lib.resolve(config, jax.device_count(), jax.process_count())
+  files = workdir_lib.RunFiles(workdir)
+  files.check_resumable(config, allow_config_change)
+  files.check_writable()
+
+  # Data → model, optimizer and steps → state. Nothing is written until all of them worked.
+  datasets = data_lib.create_datasets(config, jax.process_index(), jax.process_count())
+  num_classes = datasets.num_classes
+  run = build.parts(config, num_classes)
+  state = _initial_state(config, run, files, num_classes, log)
+  log(sharding.describe(state.params))
+  if is_main:
+    files.write_config(config)
+    files.write_class_names(datasets.class_names)
+
+  start_step = int(jax.device_get(state.step))
+  writer = metrics_lib.MetricWriter(files, enabled=is_main)
+  progress = metrics_lib.Progress(config.total_steps, enabled=is_main)
+  stop_request = stopping.StopRequest().install()
+  checkpointer = checkpoint_lib.Checkpointer(files.checkpoints, keep=config.keep_checkpoints)
+  check_finite = lambda fetched: _stop_if_diverged(fetched, config, checkpointer)
+  batches = prefetch.device_prefetch(datasets.train_batches(start_step), run.mesh,
+                                     config.data.prefetch_batches)
+  final_metrics = {}
+  try:
+    # Compiled once, ahead of time, on the first batch: the loop can never trigger a recompile.
+    first_batch = next(batches)
+    compile_start = time.perf_counter()
+    train_step = run.train_fn.lower(state, first_batch).compile()
+    eval_step = None  # Compiled at the first eval, when its batch shape is known.
+    log(f'workdir {files}: training {config.model_name} for steps {start_step}..'
+        f'{config.total_steps} on {jax.device_count()} {jax.devices()[0].platform} device(s) '
+        f'(mesh {dict(run.mesh.shape)})')
+    train_log = metrics_lib.TrainLog(config.batch_size, _flops_per_device(config, num_classes),
+                                     writer, progress, check_finite)
+    batches = itertools.chain([first_batch], batches)
+
+    for step in range(start_step + 1, config.total_steps + 1):
+      state, step_metrics = train_step(state, next(batches))
+      if step == start_step + 1:
+        jax.block_until_ready(step_metrics)
+        progress.compiled(time.perf_counter() - compile_start)
+        train_log.start_clock(step)
+      train_log.flush()  # The device is busy with `step`: fetching the last log's values is free.
+
+      is_last = step == config.total_steps
+      stopping_now = stop_request.signal_name is not None or step == stop_at_step
+      if step % config.log_every == 0 or is_last:
+        train_log.hold(step, step_metrics)
+
+      if (config.eval_every and step % config.eval_every == 0) or is_last:
+        check_finite({'first_nonfinite_step': state.first_nonfinite_step})
+        eval_params = state.ema_params if state.ema_params is not None else state.params
+        if eval_step is None:
+          eval_batch = sharding.global_batch(next(iter(datasets.eval_batches())), run.mesh)
+          eval_step = run.eval_fn.lower(eval_params, eval_batch).compile()
+        eval_metrics = evaluate_lib.evaluate(eval_step, eval_params, datasets, run.mesh,
+                                             num_classes)
+        writer.write(step, eval_metrics)
+        final_metrics = dict(eval_metrics, step=step)
+        log(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
+        if is_main and config.plot_every_eval:
+          curves.refresh(files)
+
+      if ((config.checkpoint_every and step % config.checkpoint_every == 0) or is_last
+          or stopping_now):
+        check_finite({'first_nonfinite_step': state.first_nonfinite_step})
+        checkpointer.save(state, force=True)
+
+      if stopping_now and not is_last:
+        reason = stop_request.signal_name or f'--stop_at_step={stop_at_step}'
+        train_log.flush()
+        checkpointer.wait()
+        log(f'{reason}: saved a checkpoint at step {step} in {checkpointer.directory}; rerun '
+            f'the same command to resume')
+        return {'step': step, 'stopped': True}
+
+    train_log.flush()
+    checkpointer.wait()
+    if is_main:
+      files.write_final_metrics(final_metrics)
+    return final_metrics
+  finally:
+    stop_request.uninstall()
+    writer.close()
+    checkpointer.close()
+
+
+def _initial_state(config, run, files, num_classes, log):
+  """The newest readable checkpoint of the workdir; else the pretrained weights (when
+  configured); else a fresh initialisation.
+
+  A pretrained file is read before anything is written, so a bad one leaves the workdir as it
+  was; a resumed run never reads it.
+  """
+  if files.has_checkpoints():
+    checkpointer = checkpoint_lib.Checkpointer(files.checkpoints, keep=config.keep_checkpoints)
+    try:
+      state, restored_step = checkpointer.restore_latest(run.abstract_state, log=log)
+    finally:
+      checkpointer.close()
+    if state is not None:
+      log(f'resuming from the checkpoint at step {restored_step} in {files.checkpoints}')
+      return state
+  if config.pretrained.path:
+    from vit_jax.weights import pretrained  # Only fine-tuning needs the converters.
+    init_params = jax.device_get(run.new_state().params)
+    params = pretrained.load_pretrained(config.pretrained, init_params,
+                                        dict(config.model_fields, num_classes=num_classes), log)
+    return jax.jit(lambda p: step_lib.create_train_state(p, run.tx, config.optimizer.ema_decay),
+                   out_shardings=run.state_shardings)(params)
+  return run.new_state()
+
+
+def _flops_per_device(config, num_classes):
+  """Model FLOPs of one train step on one device, where the device's peak is known (for MFU).
+
+  Model FLOPs, not XLA's count of the compiled step, which counts a scanned layer or an
+  accumulation loop once and a remat recomputation as work.
+  """
+  if flops_lib.peak_flops_per_device() is None:
+    return None
+  return flops_lib.model_flops_per_step(config, num_classes)[0] / jax.device_count()
+
+
+def _stop_if_diverged(fetched, config, checkpointer):
+  """Stops the run at the first non-finite loss when `optimizer.nan_policy` is `stop`."""
+  bad_step = int(np.asarray(fetched['first_nonfinite_step']))
+  if bad_step >= 0 and config.optimizer.nan_policy == 'stop':
+    checkpointer.wait()
+    steps = checkpointer.steps()
+    last_good = f'the last good checkpoint is step {steps[-1]}' if steps else 'no checkpoint'
+    raise Diverged(
+        f'the loss or a gradient became NaN/Inf at step {bad_step + 1}; {last_good}; lower '
+        f'schedule.base_lr, or set optimizer.nan_policy=skip to skip such updates')
