@@ -224,7 +224,12 @@ def xla_flag_tokens(xla_flags):
 def _resolve_model(config):
   """Checks `model_name` and `config.model`; returns the module's fields but num_classes."""
   overrides = {key: value for key, value in config.model.items() if value is not None}
-  fields = models.model_kwargs(config.model_name, None, **overrides)
+  try:
+    fields = models.model_kwargs(config.model_name, None, **overrides)
+  except UserError as e:
+    if 'model_name' in str(e) or 'model name' in str(e):
+      raise
+    raise UserError(f'model_name={config.model_name!r} with the model keys set: {e}') from None
   fields.pop('num_classes')
   if not fields.get('resnet_layers'):  # A hybrid's patches tile the ResNet map instead.
     patch_h, patch_w = fields['patch_size']

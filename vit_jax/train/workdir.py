@@ -69,21 +69,23 @@ class RunFiles:
     Locally the probe goes to the nearest folder that exists, so nothing is left behind.
 
     Raises:
-      EnvironmentFault: naming the path and why it cannot be written.
+      UserError: naming the path and why it cannot be written (a path the user chose, checked
+        before anything runs).
     """
     probe_dir = self.root
     if _is_local(self.root):
       while not probe_dir.exists() and probe_dir.parent != probe_dir:
         probe_dir = probe_dir.parent
       if not probe_dir.is_dir():
-        raise EnvironmentFault(f'workdir {self}: {probe_dir} is not a folder')
+        raise UserError(f'workdir {self} cannot be written ({probe_dir} is not a writable '
+                        'folder: it is a file)')
     probe = probe_dir / f'.vit_jax_probe_{uuid.uuid4().hex}'
     try:
       probe.write_text('')
       probe.unlink()
     except OSError as e:
-      raise EnvironmentFault(f'workdir {self} cannot be written ({probe_dir}: '
-                             f'{describe_os_error(e)})') from None
+      raise UserError(f'workdir {self} cannot be written ({probe_dir} is not a writable '
+                      f'folder: {describe_os_error(e)})') from None
 
   def check_resumable(self, resolved, allow_config_change=False):
     """Refuses a workdir that holds a run of a different config (read only)."""
