@@ -45,3 +45,13 @@ def report(error):
   """Prints `error` as one `error: ...` line on stderr; returns its exit status."""
   print(f'error: {one_line(error)}', file=sys.stderr, flush=True)
   return getattr(error, 'exit_status', USER_ERROR_STATUS)
+
+
+def exit_status_of(main, argv):
+  """Runs `main(argv)` for a command line: 0 when it returns, else the reported error's one
+  line on stderr and its exit status."""
+  try:
+    main(argv)
+  except REPORTED as e:
+    return report(e)
+  return 0

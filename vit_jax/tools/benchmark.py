@@ -328,12 +328,8 @@ def main(argv):
 
 
 def run_command(argv=None):
-  """`main` as a command: a reported error becomes its one line and exit status."""
-  try:
-    main(sys.argv if argv is None else argv)
-  except errors.REPORTED as e:
-    return errors.report(e)
-  return 0
+  """`main` as a command: its exit status (see vit_jax.errors)."""
+  return errors.exit_status_of(main, sys.argv if argv is None else argv)
 
 
 if __name__ == '__main__':
