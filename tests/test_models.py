@@ -193,6 +193,110 @@ def test_optional_parameters_appear_only_when_enabled():
   assert 'cls' not in gap
 
 
+def test_default_vit_has_exactly_the_published_parameters():
+  """The options' defaults add and drop nothing: the tree of the published checkpoints."""
+  _, params = _shapes(models.create_model('ViT-B/16', 10, **TINY))
+  block = {'LayerNorm_0/scale', 'LayerNorm_0/bias', 'LayerNorm_2/scale', 'LayerNorm_2/bias',
+           'MlpBlock_3/Dense_0/kernel', 'MlpBlock_3/Dense_0/bias', 'MlpBlock_3/Dense_1/kernel',
+           'MlpBlock_3/Dense_1/bias'} | {
+               f'MultiHeadDotProductAttention_1/{name}/{leaf}'
+               for name in ('query', 'key', 'value', 'out') for leaf in ('kernel', 'bias')}
+  expected = {'embedding/kernel', 'embedding/bias', 'cls', 'head/kernel', 'head/bias',
+              'Transformer/posembed_input/pos_embedding', 'Transformer/encoder_norm/scale',
+              'Transformer/encoder_norm/bias'} | {
+                  f'Transformer/encoderblock_{i}/{path}' for i in range(2) for path in block}
+  assert _paths(params) == expected
+
+
+_QKV_BIASES = {f'Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{name}/bias'
+               for i in range(2) for name in ('query', 'key', 'value')}
+
+
+@pytest.mark.parametrize('option,added,removed,posemb_tokens', [
+    (dict(fc_norm=True), {'fc_norm/scale', 'fc_norm/bias'},
+     {'Transformer/encoder_norm/scale', 'Transformer/encoder_norm/bias'}, 17),
+    (dict(pre_norm=True), {'Transformer/pre_norm/scale', 'Transformer/pre_norm/bias'},
+     {'embedding/bias'}, 17),
+    (dict(qkv_bias=False), set(), _QKV_BIASES, 17),
+    (dict(distilled=True), {'dist', 'head_dist/kernel', 'head_dist/bias'}, set(), 18),
+    (dict(no_embed_class=True), set(), set(), 16),
+    (dict(no_embed_class=True, distilled=True), {'dist', 'head_dist/kernel', 'head_dist/bias'},
+     set(), 16),
+    (dict(gelu_approximate=False, layer_norm_eps=1e-12), set(), set(), 17),
+])
+def test_each_option_adds_and_drops_only_its_own_parameters(option, added, removed,
+                                                            posemb_tokens):
+  plain = _paths(_shapes(models.create_model('ViT-B/16', 10, **TINY))[1])
+  _, params = _shapes(models.create_model('ViT-B/16', 10, **option, **TINY))
+  assert _paths(params) - plain == added
+  assert plain - _paths(params) == removed
+  assert params['Transformer']['posembed_input']['pos_embedding'].shape == (1, posemb_tokens,
+                                                                            32)
+  assert models.posemb_prefix_tokens(models.model_kwargs('ViT-B/16', 10, **option)) == (
+      posemb_tokens - 16)
+
+
+def test_numeric_options_take_effect():
+  images = _images()
+  plain = models.create_model('ViT-B/16', 5, **TINY)
+  # Unit-scale weights: the two GELU forms differ where |x| is about 1 to 3.
+  params = jax.tree.map(lambda leaf: 10 * leaf, _randomize(_init(plain, images)))
+  expected = plain.apply({'params': params}, images)
+  explicit = models.create_model('ViT-B/16', 5, gelu_approximate=True, layer_norm_eps=1e-6,
+                                 **TINY)
+  np.testing.assert_array_equal(explicit.apply({'params': params}, images), expected)
+  for option in (dict(gelu_approximate=False), dict(layer_norm_eps=1e-1)):
+    changed = models.create_model('ViT-B/16', 5, **option, **TINY)
+    assert np.abs(changed.apply({'params': params}, images) - expected).max() > 1e-5, option
+
+
+def test_no_embed_class_is_the_class_token_holding_its_position_embedding():
+  images = _images()
+  plain = models.create_model('ViT-B/16', 5, num_registers=2, **TINY)
+  params = _randomize(_init(plain, images))
+  posemb = params['Transformer']['posembed_input']['pos_embedding']  # (1, 1 + 16, 32)
+  moved = jax.tree.map(lambda leaf: leaf, params)
+  moved['cls'] = params['cls'] + posemb[:, :1]
+  moved['Transformer']['posembed_input']['pos_embedding'] = posemb[:, 1:]
+  no_embed = models.create_model('ViT-B/16', 5, num_registers=2, no_embed_class=True, **TINY)
+  np.testing.assert_allclose(no_embed.apply({'params': moved}, images),
+                             plain.apply({'params': params}, images), atol=1e-6)
+
+
+def test_distilled_model_averages_its_heads_at_eval_and_returns_both_in_training():
+  images = _images()
+  model = models.create_model('ViT-B/16', 5, distilled=True, **TINY)
+  params = _randomize(_init(model, images))
+  logits, dist_logits = model.apply({'params': params}, images, train=True)
+  assert logits.shape == dist_logits.shape == (2, 5) and logits.dtype == jnp.float32
+  assert np.abs(logits - dist_logits).max() > 1e-3
+  np.testing.assert_allclose(model.apply({'params': params}, images),
+                             (logits + dist_logits) / 2, atol=1e-6)
+  features = models.create_model('ViT-B/16', None, distilled=True, **TINY)
+  del params['head'], params['head_dist']
+  assert features.apply({'params': params}, images, train=True).shape == (2, 32)
+
+
+def test_scan_keeps_the_options():
+  images = _images()
+  options = dict(qkv_bias=False, pre_norm=True, fc_norm=True, qk_norm=True,
+                 layer_scale_init=0.1, gelu_approximate=False, classifier='gap')
+  per_layer = models.create_model('ViT-B/16', 5, **options, **TINY)
+  scanned = models.create_model('ViT-B/16', 5, scan=True, **options, **TINY)
+  params = _randomize(_init(per_layer, images))
+  np.testing.assert_allclose(scanned.apply({'params': models.layers_to_scan(params)}, images),
+                             per_layer.apply({'params': params}, images), atol=1e-5)
+
+
+def test_the_options_are_config_keys():
+  """Generated from the dataclass: `--config.model.<option>` sets each one."""
+  from vit_jax.train import config as config_lib
+  keys = config_lib.model_keys()
+  for option in ('gelu_approximate', 'fc_norm', 'no_embed_class', 'qkv_bias', 'pre_norm',
+                 'distilled', 'layer_norm_eps'):
+    assert option in keys and keys[option] is None, option  # None: the model's default.
+
+
 def test_hybrid_and_mixer_parameter_names_are_the_published_ones():
   hybrid = models.create_model('R50+ViT-B/16', 2, hidden_size=32, num_heads=2, mlp_dim=64,
                                num_layers=1)
@@ -445,6 +549,9 @@ def test_sincos_posemb_has_no_parameters():
     ('ViT-B/16', dict(remat_policy='some'), "unknown remat_policy 'some'"),
     ('ViT-B/16', dict(attention_impl='flash'), "unknown attention_impl 'flash'"),
     ('ViT-B/16', dict(dtype='float64'), "unknown dtype 'float64'"),
+    ('ViT-B/16', dict(layer_norm_eps=0), 'layer_norm_eps must be a number between 0 and 1'),
+    ('ViT-B/16', dict(fc_norm='yes'), "fc_norm must be True or False, got 'yes'"),
+    ('ViT-B/16', dict(classifier='gap', distilled=True), "distilled=True reads the class and"),
     ('ViT-B/16', dict(dropout=0.1), 'model.dropout=0.1 does not apply to ViT-B/16; it takes: '),
     ('Mixer-B/16', dict(classifier='map'), 'does not apply to Mixer-B/16'),
 ])

@@ -3,15 +3,21 @@
 The path an image takes:
   images (N, H, W, C)
   -> `embedding`: a P x P conv with stride P, one D-vector per patch   (N, H/P, W/P, D)
-  -> flatten to tokens, prepend the class token `cls` (classifier='token')
-  -> `Transformer`: add position embeddings, insert register tokens, dropout,
-     L pre-LayerNorm blocks (LN -> attention -> residual; LN -> MLP -> residual),
-     final LayerNorm `encoder_norm`
-  -> pool (class token, mean, attention probe, or none)
-  -> `pre_logits` (Dense + tanh, only with representation_size) -> `head` (zero-initialised).
+  -> flatten to tokens, prepend the class token `cls` (classifier='token') and the DeiT
+     distillation token `dist` (distilled=True)
+  -> `Transformer`: add position embeddings (to the patches only with no_embed_class, the class
+     and distillation tokens then prepended after), insert register tokens, dropout,
+     `pre_norm` (CLIP style, optional), L pre-LayerNorm blocks (LN -> attention -> residual;
+     LN -> MLP -> residual), final LayerNorm `encoder_norm` (absent with fc_norm)
+  -> pool (class token, mean, attention probe, or none) -> `fc_norm` (optional, timm style)
+  -> `pre_logits` (Dense + tanh, only with representation_size) -> `head` (zero-initialised);
+     a distilled model also has `head_dist` on the distillation token.
 
 Module and parameter names are those of the published vit_jax checkpoints, so those files load
-as they are. Options follow big_vision: defaults live in the dataclass fields.
+as they are. Options follow big_vision: defaults live in the dataclass fields, and the defaults
+build exactly the published model (tanh GELU, LayerNorm eps 1e-6, qkv biases, one final norm).
+The options other libraries need (timm's `fc_norm`, `no_embed_class`, `pre_norm`, `qkv_bias`,
+DeiT's distillation token, HF's exact GELU and eps) add parameters only when they are on.
 """
 
 import math
@@ -34,6 +40,8 @@ REMAT_POLICIES = {
     'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+BOOL_FIELDS = ('gelu_approximate', 'fc_norm', 'no_embed_class', 'qkv_bias', 'pre_norm',
+               'distilled')
 
 Dtype = Any
 
@@ -44,12 +52,18 @@ def _check_choice(what, value, valid):
 
 
 def posemb_prefix_tokens(model_kwargs):
-  """How many tokens before the patch tokens carry a position embedding: 1 with a class token.
+  """How many tokens before the patch tokens carry a position embedding.
 
-  Reads the model config (the dict `vit_jax.models.model_kwargs` returns) rather than guessing
-  from a token count: a 14x14 grid has 196 tokens, 197 with a class token.
+  1 with a class token, 2 with the DeiT distillation token as well, 0 with no_embed_class
+  (position embeddings on the patches only). Registers never have one. Reads the model config
+  (the dict `vit_jax.models.model_kwargs` returns) rather than guessing from a token count: a
+  14x14 grid has 196 tokens, 197 with a class token.
   """
-  return 1 if model_kwargs.get('classifier') == 'token' else 0
+  if model_kwargs.get('no_embed_class'):
+    return 0
+  if model_kwargs.get('classifier') != 'token':
+    return 0
+  return 2 if model_kwargs.get('distilled') else 1
 
 
 def posemb_sincos_2d(grid_hw, width, temperature=10_000., dtype=jnp.float32):
@@ -127,6 +141,7 @@ class MlpBlock(nn.Module):
   """Dense -> GELU -> dropout -> Dense -> dropout, back to the input width."""
   mlp_dim: int
   dropout_rate: float = 0.0
+  gelu_approximate: bool = True  # tanh form (flax's default); False: exact erf (PyTorch's).
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -137,7 +152,7 @@ class MlpBlock(nn.Module):
         features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6))
-    x = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x))
+    x = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x), approximate=self.gelu_approximate)
     x = nn.Dropout(self.dropout_rate)(x, deterministic)
     x = dense(width, 'Dense_1')(x)
     return nn.Dropout(self.dropout_rate)(x, deterministic)
@@ -183,6 +198,8 @@ class MultiHeadDotProductAttention(nn.Module):
   num_heads: int
   attention_dropout_rate: float = 0.0
   qk_norm: bool = False
+  qkv_bias: bool = True
+  layer_norm_eps: float = 1e-6
   attention_impl: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -195,13 +212,14 @@ class MultiHeadDotProductAttention(nn.Module):
     head_dim = width // self.num_heads
     projection = lambda name: nn.DenseGeneral(
         (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        kernel_init=nn.initializers.xavier_uniform())
+        use_bias=self.qkv_bias, kernel_init=nn.initializers.xavier_uniform())
     # (batch, tokens, heads, head_dim): the layout jax.nn.dot_product_attention takes.
     query = projection('query')(inputs_q)
     key = projection('key')(inputs_kv)
     value = projection('value')(inputs_kv)
     if self.qk_norm:
-      norm = lambda name: nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+      norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
+                                       param_dtype=self.param_dtype, name=name)
       query, key = norm('query_norm')(query), norm('key_norm')(key)
 
     wants_weights = self.is_mutable_collection('intermediates')
@@ -238,13 +256,17 @@ class EncoderBlock(nn.Module):
   attention_dropout_rate: float = 0.0
   layer_scale_init: Optional[float] = None
   qk_norm: bool = False
+  qkv_bias: bool = True
+  gelu_approximate: bool = True
+  layer_norm_eps: float = 1e-6
   attention_impl: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, drop_path_rate, deterministic):  # x: (batch, tokens, width)
-    norm = lambda name: nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, name=name)
 
     def layer_scale(y, name):
       if self.layer_scale_init is None:
@@ -256,13 +278,15 @@ class EncoderBlock(nn.Module):
     y = norm('LayerNorm_0')(x)
     y = MultiHeadDotProductAttention(
         num_heads=self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
-        qk_norm=self.qk_norm, attention_impl=self.attention_impl, dtype=self.dtype,
-        param_dtype=self.param_dtype, name='MultiHeadDotProductAttention_1')(y, y, deterministic)
+        qk_norm=self.qk_norm, qkv_bias=self.qkv_bias, layer_norm_eps=self.layer_norm_eps,
+        attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
+        name='MultiHeadDotProductAttention_1')(y, y, deterministic)
     y = nn.Dropout(self.dropout_rate)(y, deterministic)
     x = x + DropPath()(layer_scale(y, 'layer_scale_1'), drop_path_rate, deterministic)
 
     y = norm('LayerNorm_2')(x)
-    y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, dtype=self.dtype,
+    y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+                 gelu_approximate=self.gelu_approximate, dtype=self.dtype,
                  param_dtype=self.param_dtype, name='MlpBlock_3')(y, deterministic)
     x = x + DropPath()(layer_scale(y, 'layer_scale_2'), drop_path_rate, deterministic)
     return x, None  # (carry, per-layer output) so nn.scan can run it.
@@ -274,12 +298,17 @@ class Encoder(nn.Module):
   num_heads: int
   mlp_dim: int
   posemb: str = 'learn'
-  num_prefix_tokens: int = 1  # Class token(s) at the front, which get a position embedding.
+  num_prefix_tokens: int = 1  # Tokens before the grid that get a position embedding.
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
   layer_scale_init: Optional[float] = None
   qk_norm: bool = False
+  qkv_bias: bool = True
+  gelu_approximate: bool = True
+  layer_norm_eps: float = 1e-6
+  pre_norm: bool = False
+  final_norm: bool = True  # False with fc_norm: the model normalises after pooling instead.
   attention_impl: str = 'auto'
   scan: bool = False
   remat_policy: str = 'none'
@@ -287,13 +316,27 @@ class Encoder(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, grid_hw, registers=None, *, train=False):
-    """x: (batch, prefix + gh * gw, width); registers: (batch, R, width) or None."""
+  def __call__(self, x, grid_hw, unembedded=None, *, train=False):
+    """Runs the encoder.
+
+    Args:
+      x: (batch, num_prefix_tokens + gh * gw, width), the tokens that get position embeddings.
+      grid_hw: (gh, gw), the patch grid.
+      unembedded: (batch, K, width) or None: tokens with no position embedding (registers;
+        with no_embed_class also the class and distillation tokens in front of them), inserted
+        after the first `num_prefix_tokens` tokens.
+      train: dropout and drop-path on.
+
+    Returns:
+      (batch, tokens, width), after the final LayerNorm when `final_norm`.
+    """
     x = x + self._position_embeddings(x.shape, grid_hw).astype(x.dtype)
-    if registers is not None:  # After the class token, with no position embedding.
+    if unembedded is not None:
       prefix = self.num_prefix_tokens
-      x = jnp.concatenate([x[:, :prefix], registers.astype(x.dtype), x[:, prefix:]], axis=1)
+      x = jnp.concatenate([x[:, :prefix], unembedded.astype(x.dtype), x[:, prefix:]], axis=1)
     x = nn.Dropout(self.dropout_rate)(x, not train)
+    if self.pre_norm:  # CLIP: one LayerNorm on the embedded tokens, before the first block.
+      x = self._norm('pre_norm')(x)
 
     # Linear stochastic depth: 0 at the first block, drop_path_rate at the last.
     rates = [self.drop_path_rate * i / max(self.num_layers - 1, 1)
@@ -301,7 +344,8 @@ class Encoder(nn.Module):
     block_kwargs = dict(
         num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate,
-        layer_scale_init=self.layer_scale_init, qk_norm=self.qk_norm,
+        layer_scale_init=self.layer_scale_init, qk_norm=self.qk_norm, qkv_bias=self.qkv_bias,
+        gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps,
         attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
     block_cls = EncoderBlock
     if self.remat_policy != 'none':
@@ -321,7 +365,11 @@ class Encoder(nn.Module):
     else:
       for i in range(self.num_layers):
         x, _ = block_cls(name=f'encoderblock_{i}', **block_kwargs)(x, rates[i], not train)
-    return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='encoder_norm')(x)
+    return self._norm('encoder_norm')(x) if self.final_norm else x
+
+  def _norm(self, name):
+    return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name=name)
 
   def _position_embeddings(self, tokens_shape, grid_hw):
     """(1, prefix + gh * gw, width): learned, or fixed sin-cos with zeros for the prefix."""
@@ -353,9 +401,17 @@ class AddPositionEmbs(nn.Module):
 
 
 class MAPHead(nn.Module):
-  """Multi-head attention pooling (big_vision): a learned probe attends over the tokens."""
+  """Multi-head attention pooling (big_vision): a learned probe attends over the tokens.
+
+  The layout of timm's `attn_pool` (AttentionPoolLatent with one latent): `probe` is its
+  `latent`, the query/key/value/out projections its `q`, `kv` (key and value stacked) and
+  `proj`, then `LayerNorm_0` and `MlpBlock_0` its `norm` and `mlp`. Its query, key and value
+  always have biases (as timm's, whatever the blocks' qkv_bias).
+  """
   num_heads: int
   mlp_dim: int
+  gelu_approximate: bool = True
+  layer_norm_eps: float = 1e-6
   attention_impl: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -370,14 +426,27 @@ class MAPHead(nn.Module):
         num_heads=self.num_heads, attention_impl=self.attention_impl, dtype=self.dtype,
         param_dtype=self.param_dtype, name='MultiHeadDotProductAttention_0')(
             probe, x, True)
-    y = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='LayerNorm_0')(x)
-    x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name='MlpBlock_0')(y, True)
+    y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name='LayerNorm_0')(x)
+    x = x + MlpBlock(mlp_dim=self.mlp_dim, gelu_approximate=self.gelu_approximate,
+                     dtype=self.dtype, param_dtype=self.param_dtype, name='MlpBlock_0')(y, True)
     return x[:, 0]
 
 
 class VisionTransformer(nn.Module):
-  """A ViT classifier; `vit_jax.models.create_model` fills these fields from a name."""
+  """A ViT classifier; `vit_jax.models.create_model` fills these fields from a name.
+
+  Called as `model.apply({'params': params}, images, train=...)`, it returns float32 logits
+  (batch, num_classes), or the pooled features without a head (num_classes None or 0), or one
+  output per patch with classifier='unpooled'.
+
+  A distilled model (DeiT: `distilled=True`, a second token `dist` read by a second head
+  `head_dist`) returns at eval (train=False) the mean of its two heads' logits, as DeiT and timm
+  do. With train=True it returns the pair `(logits, dist_logits)`, each (batch, num_classes):
+  `logits` from the class token, for the cross-entropy with the labels, and `dist_logits` from
+  the distillation token, for the loss against the teacher. Every other model returns one array
+  in training as at eval.
+  """
   num_classes: Optional[int]  # None or 0: return the pre-logits features.
   patch_size: Sequence[int] = (16, 16)
   hidden_size: int = 768
@@ -393,6 +462,19 @@ class VisionTransformer(nn.Module):
   drop_path_rate: float = 0.0
   layer_scale_init: Optional[float] = None
   qk_norm: bool = False
+  # The GELU of every MLP: the tanh approximation (True, flax's and the published models') or
+  # the exact erf form (False: PyTorch's nn.GELU, timm's and HF's default 'gelu').
+  gelu_approximate: bool = True
+  layer_norm_eps: float = 1e-6  # Every LayerNorm's epsilon (HF's default is 1e-12).
+  fc_norm: bool = False  # LayerNorm after pooling (`fc_norm`), instead of `encoder_norm` before.
+  # Position embeddings on the patch tokens only; the class and distillation tokens are put in
+  # front after they are added (timm's no_embed_class: DeiT III, DINOv2 with registers).
+  no_embed_class: bool = False
+  qkv_bias: bool = True  # Biases on the blocks' query, key and value projections.
+  # A LayerNorm (`Transformer/pre_norm`) on the embedded tokens before the first block, as CLIP;
+  # the patch embedding then has no bias, as in CLIP and timm.
+  pre_norm: bool = False
+  distilled: bool = False  # DeiT's distillation token and head; see the class docstring.
   head_bias_init: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -408,10 +490,28 @@ class VisionTransformer(nn.Module):
     _check_choice('posemb', self.posemb, POSEMBS)
     _check_choice('remat_policy', self.remat_policy, REMAT_POLICIES)
     _check_choice('attention_impl', self.attention_impl, ATTENTION_IMPLS)
+    for name in BOOL_FIELDS:
+      value = getattr(self, name)
+      if not isinstance(value, (bool, np.bool_)):
+        raise UserError(f'{name} must be True or False, got {value!r}')
+    eps = self.layer_norm_eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+      raise UserError(f'layer_norm_eps must be a number between 0 and 1 (e.g. 1e-6), got {eps!r}')
     if self.hidden_size % self.num_heads:
       raise UserError(f'num_heads {self.num_heads} does not divide the width {self.hidden_size}')
     if self.num_registers < 0:
       raise UserError(f'num_registers must be >= 0, got {self.num_registers}')
+    if self.distilled:
+      problems = []
+      if self.classifier != 'token':
+        problems.append(f"classifier={self.classifier!r} (valid: 'token')")
+      if self.representation_size is not None:
+        problems.append(f'representation_size={self.representation_size!r} (valid: None)')
+      if self.fc_norm:
+        problems.append('fc_norm=True (valid: False)')
+      if problems:
+        raise UserError('distilled=True reads the class and distillation tokens straight into '
+                        'their heads; it needs ' + ', '.join(problems))
 
   @nn.compact
   def __call__(self, images, *, train=False):
@@ -427,49 +527,83 @@ class VisionTransformer(nn.Module):
                       f'{images.shape[1]}x{images.shape[2]}'
                       + (' (after the 16x ResNet stem)' if self.resnet_layers else ''))
     x = nn.Conv(self.hidden_size, (patch_h, patch_w), strides=(patch_h, patch_w),
-                padding='VALID', dtype=self.dtype, param_dtype=self.param_dtype,
-                name='embedding')(x)
+                padding='VALID', use_bias=not self.pre_norm, dtype=self.dtype,
+                param_dtype=self.param_dtype, name='embedding')(x)
     batch, grid_h, grid_w, width = x.shape
     x = jnp.reshape(x, (batch, grid_h * grid_w, width))  # (batch, patches, width)
 
-    num_prefix = posemb_prefix_tokens({'classifier': self.classifier})
-    if num_prefix:
-      cls = self.param('cls', nn.initializers.zeros, (1, 1, width), self.param_dtype)
-      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), [batch, 1, 1]), x], axis=1)
-    registers = None
+    # Class and distillation tokens, then registers: the order of the tokens in the sequence.
+    prefix = []
+    if self.classifier == 'token':
+      prefix.append(self.param('cls', nn.initializers.zeros, (1, 1, width), self.param_dtype))
+    if self.distilled:
+      prefix.append(self.param('dist', nn.initializers.normal(stddev=0.02), (1, 1, width),
+                               self.param_dtype))
+    prefix = [jnp.tile(token.astype(x.dtype), [batch, 1, 1]) for token in prefix]
+    unembedded = []
     if self.num_registers:
       registers = self.param('registers', nn.initializers.normal(stddev=0.02),
                              (1, self.num_registers, width), self.param_dtype)
-      registers = jnp.tile(registers, [batch, 1, 1])
+      unembedded.append(jnp.tile(registers, [batch, 1, 1]))
+    if self.no_embed_class:
+      unembedded = prefix + unembedded
+    else:
+      x = jnp.concatenate(prefix + [x], axis=1)
+    num_embedded_prefix = posemb_prefix_tokens(
+        dict(classifier=self.classifier, distilled=self.distilled,
+             no_embed_class=self.no_embed_class))
 
     x = Encoder(
         num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        posemb=self.posemb, num_prefix_tokens=num_prefix, dropout_rate=self.dropout_rate,
-        attention_dropout_rate=self.attention_dropout_rate,
+        posemb=self.posemb, num_prefix_tokens=num_embedded_prefix,
+        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         drop_path_rate=self.drop_path_rate, layer_scale_init=self.layer_scale_init,
-        qk_norm=self.qk_norm, attention_impl=self.attention_impl, scan=self.scan,
-        remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
-        name='Transformer')(x, (grid_h, grid_w), registers, train=train)
+        qk_norm=self.qk_norm, qkv_bias=self.qkv_bias, gelu_approximate=self.gelu_approximate,
+        layer_norm_eps=self.layer_norm_eps, pre_norm=self.pre_norm, final_norm=not self.fc_norm,
+        attention_impl=self.attention_impl, scan=self.scan, remat_policy=self.remat_policy,
+        dtype=self.dtype, param_dtype=self.param_dtype, name='Transformer')(
+            x, (grid_h, grid_w), jnp.concatenate(unembedded, axis=1) if unembedded else None,
+            train=train)
 
-    patch_tokens = x[:, num_prefix + self.num_registers:]  # (batch, gh * gw, width)
+    num_prefix = len(prefix) + self.num_registers
+    patch_tokens = x[:, num_prefix:]  # (batch, gh * gw, width)
+    if self.distilled:
+      return self._distilled_heads(x[:, 0], x[:, 1], train)
     if self.classifier == 'token':
       x = x[:, 0]
     elif self.classifier == 'gap':
       x = jnp.mean(patch_tokens, axis=1)
     elif self.classifier == 'map':
       x = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                  gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps,
                   attention_impl=self.attention_impl, dtype=self.dtype,
                   param_dtype=self.param_dtype, name='MAPHead_0')(patch_tokens)
     else:  # unpooled: one output per patch.
       x = patch_tokens
+    if self.fc_norm:
+      x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name='fc_norm')(x)
 
     if self.representation_size is not None:
       x = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype,
                    name='pre_logits')(x)
       x = nn.tanh(x)
     if self.num_classes:
-      x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                   kernel_init=nn.initializers.zeros,
-                   bias_init=nn.initializers.constant(self.head_bias_init), name='head')(x)
+      x = self._head('head')(x)
     # Logits and features leave in float32, so losses and metrics need no care about dtype.
     return x.astype(jnp.float32)
+
+  def _head(self, name):
+    return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=nn.initializers.zeros,
+                    bias_init=nn.initializers.constant(self.head_bias_init), name=name)
+
+  def _distilled_heads(self, cls_token, dist_token, train):
+    """DeiT: each token through its own head; the mean at eval, both in training."""
+    if not self.num_classes:
+      return ((cls_token + dist_token) / 2).astype(jnp.float32)
+    logits = self._head('head')(cls_token).astype(jnp.float32)
+    dist_logits = self._head('head_dist')(dist_token).astype(jnp.float32)
+    if train:
+      return logits, dist_logits
+    return (logits + dist_logits) / 2
