@@ -12,6 +12,23 @@ if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
 
+def shared_fixtures(name):
+  """The folder of a reference checkpoint under shared/fixtures (see its README).
+
+  $VIT_JAX_FIXTURES if set, else ../shared/fixtures beside the clone (as CI lays it out), else
+  /work/shared/fixtures. A missing folder fails the test: these checks are never skipped.
+  """
+  if os.environ.get('VIT_JAX_FIXTURES'):
+    candidates = [os.environ['VIT_JAX_FIXTURES']]  # Said explicitly: no fallback.
+  else:
+    candidates = [os.path.join(REPO_ROOT, '..', 'shared', 'fixtures'), '/work/shared/fixtures']
+  for root in candidates:
+    if os.path.isdir(os.path.join(root, name)):
+      return os.path.join(root, name)
+  raise FileNotFoundError(f'fixtures {name!r} not found in any of {candidates}; set '
+                          'VIT_JAX_FIXTURES to the shared/fixtures folder')
+
+
 def run_python(args, env=None, timeout=600, cwd=REPO_ROOT):
   """Runs `python <args>` from the repository root; returns the CompletedProcess."""
   full_env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu', **(env or {}))

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import shared_fixtures
 from vit_jax import models
 from vit_jax.weights import convert
 from vit_jax.errors import UserError
@@ -67,11 +68,20 @@ HF_ARCHS = [
 ]
 
 
+# Model options HF ViT holds: our defaults (tanh GELU, eps 1e-6), and transformers' defaults.
+HF_OPTIONS = {
+    'published': dict(),
+    'hf_defaults': dict(gelu_approximate=False, layer_norm_eps=1e-12),
+    'exact_no_qkv_bias': dict(gelu_approximate=False, qkv_bias=False),
+}
+
+
+@pytest.mark.parametrize('options', HF_OPTIONS)
 @pytest.mark.parametrize('image_size,arch', HF_ARCHS, ids=['p8_64px', 'p16_224px'])
-def test_vit_jax_to_hf_logits_match_transformers(tmp_path, image_size, arch):
+def test_vit_jax_to_hf_logits_match_transformers(tmp_path, image_size, arch, options):
   transformers = pytest.importorskip('transformers')
   torch = pytest.importorskip('torch')
-  kwargs = models.model_kwargs('ViT-B/16', 7, **arch)
+  kwargs = models.model_kwargs('ViT-B/16', 7, **arch, **HF_OPTIONS[options])
   params = random_params(kwargs, image_size)
   images = random_images(image_size)
 
@@ -80,6 +90,9 @@ def test_vit_jax_to_hf_logits_match_transformers(tmp_path, image_size, arch):
       tmp_path / 'hf', output_loading_info=True)
   assert not info['missing_keys'] and not info['unexpected_keys'], info
   assert hf_model.config.id2label[3] == 'c3'
+  assert hf_model.config.hidden_act == ('gelu_pytorch_tanh' if kwargs['gelu_approximate']
+                                        else 'gelu')
+  assert hf_model.config.layer_norm_eps == kwargs['layer_norm_eps']
   with torch.no_grad():
     hf_logits = hf_model(torch.from_numpy(images.transpose(0, 3, 1, 2))).logits.numpy()
 
@@ -89,8 +102,17 @@ def test_vit_jax_to_hf_logits_match_transformers(tmp_path, image_size, arch):
   assert max_abs_diff(ours, hf_logits) <= 1e-4
 
 
+# HF configs: the tanh GELU and eps of the published models, and ViTConfig's own defaults
+# (exact GELU, eps 1e-12), which most hub models keep.
+HF_CONFIGS = {
+    'tanh_eps1e-6': dict(hidden_act='gelu_pytorch_tanh', layer_norm_eps=1e-6),
+    'vitconfig_defaults': dict(),
+}
+
+
+@pytest.mark.parametrize('hf_options', HF_CONFIGS)
 @pytest.mark.parametrize('image_size,arch', HF_ARCHS, ids=['p8_64px', 'p16_224px'])
-def test_hf_to_vit_jax_logits_match_transformers(tmp_path, image_size, arch):
+def test_hf_to_vit_jax_logits_match_transformers(tmp_path, image_size, arch, hf_options):
   transformers = pytest.importorskip('transformers')
   torch = pytest.importorskip('torch')
   torch.manual_seed(0)
@@ -98,7 +120,7 @@ def test_hf_to_vit_jax_logits_match_transformers(tmp_path, image_size, arch):
       hidden_size=arch['hidden_size'], num_hidden_layers=arch['num_layers'],
       num_attention_heads=arch['num_heads'], intermediate_size=arch['mlp_dim'],
       image_size=image_size, patch_size=arch['patch_size'], num_labels=6,
-      hidden_act='gelu_pytorch_tanh', layer_norm_eps=1e-6)
+      **HF_CONFIGS[hf_options])
   hf_model = transformers.ViTForImageClassification(config).eval()
   with torch.no_grad():  # LayerNorms start at (1, 0) and biases at 0: make them count.
     for tensor in hf_model.state_dict().values():
@@ -110,22 +132,51 @@ def test_hf_to_vit_jax_logits_match_transformers(tmp_path, image_size, arch):
 
   params, kwargs = convert.from_hf(tmp_path / 'hf')
   assert kwargs['num_layers'] == arch['num_layers'] and kwargs['num_classes'] == 6
-  ours = apply(kwargs, params, images)
+  assert (kwargs['gelu_approximate'], kwargs['layer_norm_eps']) == (
+      config.hidden_act != 'gelu', config.layer_norm_eps)
+  ours = apply(convert.complete_kwargs(kwargs), params, images)
   assert max_abs_diff(ours, hf_logits) <= 1e-4
 
-  # And back: the written directory holds exactly the tensors transformers saved.
+  # And back: the written directory holds exactly the tensors transformers saved, and the
+  # config the same activation and epsilon.
   from safetensors.numpy import load_file
   convert.to_hf(params, kwargs, tmp_path / 'again', image_size=image_size)
   saved, again = (load_file(tmp_path / d / 'model.safetensors') for d in ('hf', 'again'))
   assert saved.keys() == again.keys()
   for key in saved:
     np.testing.assert_array_equal(saved[key], again[key], err_msg=key)
+  written = json.loads((tmp_path / 'again' / 'config.json').read_text())
+  assert (written['hidden_act'], written['layer_norm_eps']) == (config.hidden_act,
+                                                                config.layer_norm_eps)
+
+
+def test_hf_default_config_fixture_loads_with_transformers_logits(capsys):
+  """A model transformers saved with ViTConfig's defaults (see shared/fixtures/README.md)."""
+  folder = shared_fixtures('hf_vit_default')
+  notes = []
+  flat, metadata = convert.load_weights(folder, log=notes.append)
+  assert notes == [] and capsys.readouterr().out == ''  # No note about the GELU any more.
+  kwargs = convert.complete_kwargs(metadata['model_kwargs'])
+  assert (kwargs['gelu_approximate'], kwargs['layer_norm_eps']) == (False, 1e-12)
+  expected = np.load(os.path.join(folder, 'logits.npy'))
+  ours = apply(kwargs, tree.unflatten(flat), np.load(os.path.join(folder, 'x.npy')))
+  assert np.abs(expected).max() > 0.1
+  assert max_abs_diff(ours, expected) <= 1e-4
+  # The published model's tanh GELU and eps 1e-6 would be outside the promise (2.5e-4 off).
+  tanh = apply({**kwargs, 'gelu_approximate': True, 'layer_norm_eps': 1e-6},
+               tree.unflatten(flat), np.load(os.path.join(folder, 'x.npy')))
+  assert max_abs_diff(tanh, expected) > 1e-4
 
 
 def test_hf_refuses_models_it_cannot_hold(tmp_path):
   params = random_params(tiny_kwargs(classifier='gap'), 32)
   with pytest.raises(UserError, match=r"classifier='gap'"):
     convert.to_hf(params, tiny_kwargs(classifier='gap'), tmp_path / 'hf')
+  assert not os.path.exists(tmp_path / 'hf')
+  for option in ('fc_norm', 'pre_norm', 'no_embed_class', 'distilled'):
+    kwargs = tiny_kwargs(**{option: True})
+    with pytest.raises(UserError, match=f'{option}=True'):
+      convert.to_hf(random_params(kwargs, 32), kwargs, tmp_path / 'hf')
   assert not os.path.exists(tmp_path / 'hf')
   mixer = models.model_kwargs('Mixer-B/16', 3, patch_size=8, hidden_size=16, num_layers=1,
                               tokens_mlp_dim=8, channels_mlp_dim=16)
@@ -160,9 +211,8 @@ def test_hf_reader_takes_new_key_names_and_refuses_unknown_activations(tmp_path)
   with pytest.raises(UserError, match="hidden_act 'relu'"):
     convert.from_hf(tmp_path / 'hf')
   config_path.write_text(json.dumps({**config, 'hidden_act': 'gelu'}))
-  notes = []
-  hf.read(str(tmp_path / 'hf'), log=notes.append)
-  assert len(notes) == 1 and 'exact (erf) GELU' in notes[0]
+  _, metadata = hf.read(str(tmp_path / 'hf'))
+  assert metadata['model_kwargs']['gelu_approximate'] is False  # Exact GELU: an option now.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,10 +237,14 @@ def test_npz_round_trip_is_exact_and_per_layer(tmp_path):
     assert loaded[key].dtype == expected[key].dtype
     np.testing.assert_array_equal(loaded[key], expected[key], err_msg=key)
 
-  # timm reads this same layout; writing for it refuses what its ViT loader cannot take.
-  convert.save_weights(params, tmp_path / 'for_timm.npz', format='timm')
+  # timm's npz loader reads this same layout. The old spelling of that format still works.
+  notes = []
+  convert.save_weights(params, tmp_path / 'for_timm.npz', format='timm', log=notes.append)
+  assert len(notes) == 1 and "format 'timm' now means timm's own state dicts" in notes[0]
   with np.load(tmp_path / 'for_timm.npz') as archive:
     assert set(archive.files) == keys
+  assert convert.load_weights(tmp_path / 'for_timm.npz', format='timm', log=notes.append)[
+      1]['format'] == 'npz' and len(notes) == 2
   mixer = models.model_kwargs('Mixer-B/16', 3, patch_size=8, hidden_size=16, num_layers=1,
                               tokens_mlp_dim=8, channels_mlp_dim=16)
   with pytest.raises(UserError, match='timm format holds ViTs'):
@@ -356,9 +410,12 @@ def test_unreadable_sources_name_the_path_and_formats(tmp_path):
   (tmp_path / 'junk.npz').write_text('not a zip')
   with pytest.raises(UserError, match='junk.npz'):
     convert.load_weights(tmp_path / 'junk.npz')
-  (tmp_path / 'weights.bin').write_text('?')
+  (tmp_path / 'weights.onnx').write_text('?')
   with pytest.raises(UserError, match='force one of: npz, hf, timm, workdir'):
-    convert.load_weights(tmp_path / 'weights.bin')
+    convert.load_weights(tmp_path / 'weights.onnx')
+  (tmp_path / 'weights.safetensors').write_text('?')  # timm's suffix: named and refused.
+  with pytest.raises(UserError, match='weights.safetensors'):
+    convert.load_weights(tmp_path / 'weights.safetensors')
   with pytest.raises(UserError, match="unknown format 'onnx'"):
     convert.load_weights(tmp_path / 'junk.npz', format='onnx')
 

@@ -1,14 +1,23 @@
-"""Weights in and out: published `.npz`, big_vision `.npz`, HF transformers, timm, train.py workdirs.
+"""Weights in and out: published `.npz`, big_vision `.npz`, HF transformers, timm state dicts,
+train.py workdirs.
 
   python -m vit_jax.tools.convert ViT-B_16.npz hf_vit_b16/          # npz -> HF directory
-  python -m vit_jax.tools.convert hf_vit_b16/ back.npz              # HF -> npz (timm reads it too)
+  python -m vit_jax.tools.convert hf_vit_b16/ back.npz              # HF -> npz (timm's npz loader too)
   python -m vit_jax.tools.convert workdir/ model.npz                # a training run's latest step
   python -m vit_jax.tools.convert ViT-B_16.npz hf/ --model ViT-B/16 --num_classes 10 --image_size 384
+  python -m vit_jax.tools.convert model.safetensors out.npz --timm_model vit_base_patch16_224
+  python -m vit_jax.tools.convert vit.pth out.npz --timm_args '{"num_heads": 6, "global_pool": "avg"}'
+  python -m vit_jax.tools.convert ViT-B_16.npz vit_b16.safetensors  # -> timm state dict (+ .json)
 
-Formats are read from the path (a `.npz` suffix; a directory's files) or forced with
-`--from` / `--to`. With `--model`, `--num_classes` or `--image_size` the weights are fitted to
-that model first (`load_for_finetune`): checked key by key, a fresh head for a new class count,
-position embeddings resized for a new resolution. Nothing is written when anything fails.
+Formats are read from the path (`.npz`; `.safetensors`, `.pth`, `.bin`: timm; a directory's
+files) or forced with `--from` / `--to`: `npz` is the published vit_jax layout (which timm's
+npz loader also reads), `timm` timm's own state dicts. The old spelling `--to timm` with a
+`.npz` path still writes npz, with a note. A timm state dict does not store its head count or
+GELU form: `vit_jax.weights.timm` reads them from a description (a config.json or NAME.json
+beside the file, `--timm_model`, `--timm_args`). With `--model`, `--num_classes` or
+`--image_size` the weights are fitted to that model first (`load_for_finetune`): checked key by
+key, a fresh head for a new class count, position embeddings resized for a new resolution.
+Nothing is written when anything fails.
 
 In a notebook or in `train.py`:
   params, metadata = convert.load_weights('ViT-B_16.npz')
@@ -18,6 +27,7 @@ In a notebook or in `train.py`:
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import re
@@ -30,16 +40,20 @@ import numpy as np
 from vit_jax import models
 from vit_jax import errors
 from vit_jax.errors import UserError
-from vit_jax.weights import hf, npz, tree, workdir
+from vit_jax.weights import hf, npz, timm, tree, workdir
 from vit_jax.models import layout
 
 READ_FORMATS = ('npz', 'hf', 'timm', 'workdir')
 WRITE_FORMATS = ('npz', 'hf', 'timm')
-# timm's ViT loader reads the published vit_jax layout, which is what the npz writer writes.
-READERS = {'npz': npz.read, 'timm': npz.read, 'hf': hf.read, 'workdir': workdir.read}
+READERS = {'npz': npz.read, 'hf': hf.read, 'workdir': workdir.read}  # timm: `_read_timm`.
+LEGACY_TIMM_NOTE = ("note: format 'timm' now means timm's own state dicts (.safetensors); {path} "
+                    "is {verb} in the published npz layout, which timm's npz loader reads: "
+                    "say 'npz' to skip this note")
 
 POSEMB_KEY = npz.POSEMB_KEY
-HEAD_PREFIXES = ('head/', 'pre_logits/')
+# Options no parameter shows: an npz holds them only at the published models' values.
+NPZ_UNSTORED_DEFAULTS = dict(gelu_approximate=True, layer_norm_eps=1e-6)
+HEAD_PREFIXES = ('head/', 'head_dist/', 'pre_logits/')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,9 +65,13 @@ def detect_format(path, writing=False):
   valid = WRITE_FORMATS if writing else READ_FORMATS
   if path.endswith('.npz'):
     return 'npz'
+  if path.endswith(timm.SUFFIXES):
+    return 'timm'
   if not writing and not os.path.exists(path):
     raise UserError(f'no such file or directory: {path}')
   if os.path.isdir(path):
+    if not writing and timm.is_hub_dir(path):
+      return 'timm'
     if hf.is_hf_dir(path):
       return 'hf'
     if not writing and workdir.locate(path):
@@ -62,72 +80,112 @@ def detect_format(path, writing=False):
       return 'hf'
   elif writing and not os.path.exists(path) and not os.path.splitext(path)[1]:
     return 'hf'  # A new path without a suffix: a directory.
-  raise UserError(f'cannot tell the format of {path}; name a .npz file, an HF directory '
-                  '(config.json + model.safetensors)'
+  raise UserError(f'cannot tell the format of {path}; name a .npz file, a timm .safetensors '
+                  'file, an HF directory (config.json + model.safetensors)'
                   + ('' if writing else ' or a train.py workdir')
                   + f', or force one of: {", ".join(valid)}')
 
 
-def _check_format(format, valid, path):
+def _check_format(format, valid, path, writing, log):
+  """The format to use: `format`, or the path's when 'auto'; the old npz spelling 'timm' noted."""
   if format not in valid + ('auto',):
     raise UserError(f'unknown format {format!r} for {path}; valid: auto, {", ".join(valid)}')
+  if format == 'auto':
+    return detect_format(path, writing=writing)
+  if format == 'timm' and path.endswith('.npz'):
+    log(LEGACY_TIMM_NOTE.format(path=path, verb='written' if writing else 'read'))
+    return 'npz'
+  return format
+
+
+def _read_timm(path, timm_model=None, timm_args=None):
+  return timm.read(path, timm_model=timm_model, timm_args=timm_args)
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading and writing.
 
 
-def load_weights(path, format='auto'):
+def load_weights(path, format='auto', timm_model=None, timm_args=None, log=print):
   """Reads any supported checkpoint into the vit_jax layout, as it is (no model needed).
 
   Args:
-    path: a `.npz` file, an HF ViT directory, or a train.py workdir (or one of its step folders).
+    path: a `.npz` file, a timm state dict (`.safetensors`; `.pth` / `.bin` with PyTorch) or
+      timm hub folder, an HF ViT directory, or a train.py workdir (or one of its step folders).
     format: 'auto' (from the path) or one of READ_FORMATS.
+    timm_model, timm_args: for timm state dicts, the timm model name and constructor kwargs
+      that describe what the file does not store (see `vit_jax.weights.timm`); a config.json or
+      NAME.json beside the file describes it too.
+    log: prints notes (the old format spelling).
 
   Returns:
     (params, metadata): params a flat `{'Transformer/encoderblock_0/...': np.ndarray}` (per
-    layer, or scanned as stored); metadata a dict with at least `format`, and for HF and
+    layer, or scanned as stored); metadata a dict with at least `format`, and for timm, HF and
     workdirs `model_kwargs`, `image_size` and `class_names`.
   """
   path = os.fspath(path)
-  _check_format(format, READ_FORMATS, path)
-  if format == 'auto':
-    format = detect_format(path)
-  elif not os.path.exists(path):
+  format = _check_format(format, READ_FORMATS, path, writing=False, log=log)
+  if not os.path.exists(path):
     raise UserError(f'no such file or directory: {path}')
+  if format == 'timm':
+    return _read_timm(path, timm_model=timm_model, timm_args=timm_args)
+  if timm_model or timm_args:
+    raise UserError(f'timm_model / timm_args describe timm state dicts; {path} is {format}')
   return READERS[format](path)
 
 
 def save_weights(params, path, format='auto', model_kwargs=None, image_size=None,
-                 class_names=None):
+                 class_names=None, log=print):
   """Writes params (flat or nested, per-layer or scanned) atomically; nothing on failure.
 
   Args:
     params: vit_jax params.
-    path: a `.npz` file, or a directory for 'hf'.
+    path: a `.npz` file, a `.safetensors` file for 'timm' (a NAME.json describing the model
+      goes beside it), or a directory for 'hf'.
     format: 'auto' (from the path) or one of WRITE_FORMATS.
-    model_kwargs: the model's fields (`vit_jax.models.model_kwargs`); 'hf' needs them, and
-      they are inferred from the shapes when None.
-    image_size: the resolution written into HF's config; None: from the position embeddings.
-    class_names: labels for HF's id2label; None: LABEL_<i>.
+    model_kwargs: the model's fields (`vit_jax.models.model_kwargs`); 'hf' and 'timm' need
+      them, and they are inferred from the shapes when None.
+    image_size: the resolution written into HF's config and timm's img_size; None: from the
+      position embeddings.
+    class_names: labels for HF's id2label and the timm description; None: none.
+    log: prints notes (the old format spelling, a changed layout).
   """
   path = os.fspath(path)
-  _check_format(format, WRITE_FORMATS, path)
-  if format == 'auto':
-    format = detect_format(path, writing=True)
+  for_timm = format == 'timm'  # Either spelling: timm reads only ViTs.
+  format = _check_format(format, WRITE_FORMATS, path, writing=True, log=log)
   flat = to_layout(tree.to_numpy(tree.flatten(params)), scanned=False)
-  if format == 'timm' and model_family(flat) not in ('ViT', 'R50+ViT'):
+  if for_timm and model_family(flat) not in ('ViT', 'R50+ViT'):
     raise UserError(f'timm format holds ViTs; these weights are a {model_family(flat)}: '
                     'write npz instead')
-  if format in ('npz', 'timm'):
+  if format == 'npz':
+    if path.endswith(timm.SUFFIXES):
+      raise UserError(f'{path} names a timm state dict; npz weights go in a .npz file')
     npz.write(flat, path)
+    unstored = _options_npz_loses(model_kwargs or {})
+    if unstored:
+      log(f'note: {path} does not store {", ".join(unstored)} (npz holds arrays only); '
+          'give them to the model that loads it')
     return
   model_kwargs = complete_kwargs(infer_model_kwargs(flat) if model_kwargs is None
                                  else model_kwargs)
-  hf.check_writable(model_kwargs)
   if image_size is None:
     image_size = infer_image_size(flat, model_kwargs)
+  if format == 'timm':
+    timm.write(flat, model_kwargs, path, image_size=image_size, class_names=class_names,
+               log=log)
+    return
+  hf.check_writable(model_kwargs)
   hf.write(flat, model_kwargs, path, image_size=image_size, class_names=class_names)
+
+
+def _options_npz_loses(model_kwargs):
+  """The model options an npz cannot show, where they differ from the module defaults."""
+  unstored = []
+  for key in ('gelu_approximate', 'layer_norm_eps'):
+    default = NPZ_UNSTORED_DEFAULTS[key]
+    if key in model_kwargs and model_kwargs[key] != default:
+      unstored.append(f'{key}={model_kwargs[key]!r}')
+  return unstored
 
 
 def from_hf(path):
@@ -177,6 +235,10 @@ def infer_model_kwargs(flat):
 
   Returns a dict for `models.VisionTransformer(**kw)` or `models.MlpMixer(**kw)` (Mixer: it has
   `tokens_mlp_dim`). The pooling of a ViT without class token or MAP head is taken as 'gap'.
+  What no key holds stays at the module default: the tanh GELU and LayerNorm eps 1e-6 of the
+  published models (timm and HF readers return their own `model_kwargs` with the right ones).
+  A class token without a position embedding (no_embed_class) is recognised when the table has
+  exactly a square grid of entries.
   """
   family = model_family(flat)
   if family == 'Mixer':
@@ -210,13 +272,29 @@ def infer_model_kwargs(flat):
       representation_size=flat['pre_logits/bias'].shape[0] if 'pre_logits/bias' in flat else None,
       qk_norm=block + 'MultiHeadDotProductAttention_1/query_norm/scale' in flat,
       layer_scale_init=1e-5 if block + 'layer_scale_1' in flat else None,
+      fc_norm='fc_norm/scale' in flat,
+      pre_norm='Transformer/pre_norm/scale' in flat,
+      qkv_bias=block + 'MultiHeadDotProductAttention_1/query/bias' in flat,
+      distilled='dist' in flat,
       num_classes=flat['head/bias'].shape[0] if 'head/bias' in flat else None)
+  kwargs['no_embed_class'] = _infer_no_embed_class(flat, kwargs)
   if family == 'R50+ViT':
     stages = sorted({int(m.group(1)) for m in map(re.compile(r'^block(\d+)/').match, flat) if m})
     kwargs['resnet_layers'] = tuple(
         len({k.split('/')[1] for k in flat if k.startswith(f'block{s}/')}) for s in stages)
     kwargs['resnet_width'] = flat['conv_root/kernel'].shape[-1]
   return kwargs
+
+
+def _infer_no_embed_class(flat, kwargs):
+  """Whether the position embeddings skip the class (and distillation) token: their count is a
+  square grid without them, and is not one with them."""
+  prefix = int(kwargs['classifier'] == 'token') + int(kwargs['distilled'])
+  if POSEMB_KEY not in flat or not prefix:
+    return False
+  tokens = flat[POSEMB_KEY].shape[1]
+  is_square = lambda n: n > 0 and math.isqrt(n) ** 2 == n
+  return is_square(tokens) and not is_square(tokens - prefix)
 
 
 def complete_kwargs(model_kwargs):
@@ -378,11 +456,12 @@ def fit_to_model(source, init_params, model_kwargs, source_name='checkpoint', mo
 
 
 def load_for_finetune(path, init_params, model_kwargs, format='auto', model_name=None,
-                      log=print):
+                      log=print, timm_model=None, timm_args=None):
   """Reads any supported checkpoint and fits it to a model, for fine-tuning.
 
   Args:
-    path: a `.npz` (vit_jax, big_vision, timm), an HF directory, or a train.py workdir.
+    path: a `.npz` (vit_jax, big_vision), a timm state dict or hub folder, an HF directory, or
+      a train.py workdir.
     init_params: the model's freshly initialised params (nested); give the fresh head and the
       target shapes, dtypes and encoder layout (scanned or per layer).
     model_kwargs: the model's fields (`vit_jax.models.model_kwargs(...)`); `classifier` says
@@ -390,11 +469,15 @@ def load_for_finetune(path, init_params, model_kwargs, format='auto', model_name
     format: 'auto' or one of READ_FORMATS.
     model_name: named in error messages (e.g. 'ViT-B/16'); default: a description of the model.
     log: prints what was changed (fresh head, resized position embeddings).
+    timm_model, timm_args: describe a timm state dict (see `load_weights`). The model's own
+      options (GELU form, LayerNorm eps, ...) are the caller's: set them in `model_kwargs` to
+      what the checkpoint was trained with (`load_weights(...)[1]['model_kwargs']` says).
 
   Returns:
     Nested params as numpy arrays, with `init_params`' structure and dtypes.
   """
-  source, _ = load_weights(path, format=format)
+  source, _ = load_weights(path, format=format, timm_model=timm_model, timm_args=timm_args,
+                           log=log)
   return fit_to_model(source, init_params, model_kwargs, source_name=os.fspath(path),
                       model_name=model_name, log=log)
 
@@ -416,9 +499,10 @@ def _init_params(model_kwargs, image_size, abstract, seed=0):
 
 
 def convert(src, dst, src_format='auto', dst_format='auto', model_name=None, num_classes=None,
-            image_size=None, log=print):
+            image_size=None, log=print, timm_model=None, timm_args=None):
   """Converts `src` to `dst`, optionally fitted to a model first; see the module docstring."""
-  source, metadata = load_weights(src, format=src_format)
+  source, metadata = load_weights(src, format=src_format, timm_model=timm_model,
+                                  timm_args=timm_args, log=log)
   model_kwargs = dict(metadata.get('model_kwargs') or infer_model_kwargs(source))
   source_size = metadata.get('image_size') or infer_image_size(source, model_kwargs)
   class_names = metadata.get('class_names')
@@ -451,18 +535,35 @@ def convert(src, dst, src_format='auto', dst_format='auto', model_name=None, num
   else:
     image_size = source_size
   save_weights(source, dst, format=dst_format, model_kwargs=model_kwargs,
-               image_size=image_size, class_names=class_names)
+               image_size=image_size, class_names=class_names, log=log)
   log(f'wrote {dst} ({_describe(model_kwargs)}, {image_size} px, '
       f'{model_kwargs.get("num_classes") or "no"} classes)')
+
+
+def parse_timm_args(text):
+  """`--timm_args`: a JSON object, or the path of a .json file holding one; None stays None."""
+  if text is None:
+    return None
+  if not text.lstrip().startswith('{') and os.path.isfile(text):
+    with open(text) as f:
+      text = f.read()
+  try:
+    value = json.loads(text)
+  except ValueError as e:
+    raise UserError(f'--timm_args is not JSON ({e}); e.g. \'{{"num_heads": 6}}\'') from None
+  if not isinstance(value, dict):
+    raise UserError(f'--timm_args must be a JSON object of timm kwargs, got {text!r}')
+  return value
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(
       prog='python -m vit_jax.tools.convert',
-      description='Convert ViT weights between vit_jax/big_vision .npz, HuggingFace, timm and '
-                  'train.py workdirs.')
-  parser.add_argument('src', help='.npz file, HF directory, or train.py workdir / step folder')
-  parser.add_argument('dst', help='.npz file, or a directory for HF')
+      description='Convert ViT weights between vit_jax/big_vision .npz, timm state dicts, '
+                  'HuggingFace and train.py workdirs.')
+  parser.add_argument('src', help='.npz file, timm .safetensors/.pth/.bin or hub folder, HF '
+                                  'directory, or train.py workdir / step folder')
+  parser.add_argument('dst', help='.npz file, timm .safetensors file, or a directory for HF')
   parser.add_argument('--from', dest='src_format', default='auto',
                       choices=('auto',) + READ_FORMATS)
   parser.add_argument('--to', dest='dst_format', default='auto',
@@ -470,10 +571,15 @@ def main(argv=None):
   parser.add_argument('--model', help="fit to this model, e.g. 'ViT-B/16'")
   parser.add_argument('--num_classes', type=int, help='a fresh head with this many classes')
   parser.add_argument('--image_size', type=int, help='resize position embeddings to this')
+  parser.add_argument('--timm_model', help='the timm model a timm state dict was made with, '
+                                           "e.g. 'vit_base_patch16_224'")
+  parser.add_argument('--timm_args', help='its timm constructor kwargs as JSON (or a .json file),'
+                                          ' e.g. \'{"num_heads": 6, "global_pool": "avg"}\'')
   args = parser.parse_args(argv)
   try:
     convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format,
-            model_name=args.model, num_classes=args.num_classes, image_size=args.image_size)
+            model_name=args.model, num_classes=args.num_classes, image_size=args.image_size,
+            timm_model=args.timm_model, timm_args=parse_timm_args(args.timm_args))
   except errors.REPORTED as e:
     return errors.report(e)
   return 0

@@ -12,7 +12,10 @@ The two layouts differ by names and by how Dense kernels are stored:
   .../out/kernel (heads, head_dim, D)               ...attention.output.dense.weight (D, D)
   .../MlpBlock_3/Dense_0/kernel (D, M)              ...intermediate.dense.weight (M, D)
 HF ViT classifies from the class token, so only classifier='token' models without
-representation_size, registers, qk_norm or layer scale can be written.
+representation_size, registers, qk_norm, layer scale or the timm/DeiT options can be written.
+`hidden_act` and `layer_norm_eps` map onto the model's `gelu_approximate` and `layer_norm_eps`
+both ways ('gelu' is the exact erf form, 'gelu_pytorch_tanh' the tanh one), and `qkv_bias`
+onto `qkv_bias`, so a directory made with transformers' defaults reads and writes back as it is.
 """
 
 import json
@@ -32,8 +35,9 @@ INDEX_FILE = 'model.safetensors.index.json'
 # flax's nn.gelu defaults to the tanh approximation (as the published vit_jax models); these are
 # HF's names for the same function. HF's plain 'gelu' is the exact erf form.
 TANH_GELUS = ('gelu_pytorch_tanh', 'gelu_new', 'gelu_fast')
-WRITTEN_GELU = 'gelu_pytorch_tanh'
-LAYER_NORM_EPS = 1e-6  # flax.linen.LayerNorm's default.
+EXACT_GELU = 'gelu'
+WRITTEN_TANH_GELU = 'gelu_pytorch_tanh'
+LAYER_NORM_EPS = 1e-12  # ViTConfig's default, when a config.json leaves it out.
 
 _EMB = 'vit.embeddings.'
 _LAYER = 'vit.encoder.layer.{}.'
@@ -60,13 +64,14 @@ def is_hf_dir(path):
 # Reading.
 
 
-def read(path, log=print):
+def read(path):
   """Reads an HF ViT directory into the vit_jax layout.
 
   Returns:
     (params, metadata): params a flat `{'a/b': np.ndarray}`; metadata has `format`,
-    `config` (config.json as a dict), `model_kwargs` (fields for `VisionTransformer`),
-    `image_size` and `class_names` (from id2label, or None).
+    `config` (config.json as a dict), `model_kwargs` (fields for `VisionTransformer`, with the
+    config's GELU form, LayerNorm eps and qkv_bias), `image_size` and `class_names` (from
+    id2label, or None).
   """
   config = _read_config(path)
   state = {_legacy_name(key): value for key, value in _read_safetensors(path).items()}
@@ -74,24 +79,19 @@ def read(path, log=print):
   num_heads = int(config.get('num_attention_heads', 0))
   if num_layers <= 0 or num_heads <= 0:
     raise UserError(f'{path}/{CONFIG_FILE} needs num_hidden_layers and num_attention_heads > 0')
-  if not config.get('qkv_bias', True):
-    # Zero biases are exactly a model without them.
-    for i in range(num_layers):
-      for name in ('query', 'key', 'value'):
-        weight = state.get(_LAYER.format(i) + f'attention.attention.{name}.weight')
-        if weight is not None:
-          state.setdefault(_LAYER.format(i) + f'attention.attention.{name}.bias',
-                           np.zeros(weight.shape[0], weight.dtype))
+  qkv_bias = bool(config.get('qkv_bias', True))
 
-  act = config.get('hidden_act', 'gelu')
-  if act == 'gelu':
-    log(f'note: {path} uses the exact (erf) GELU; vit_jax models use the tanh approximation '
-        '(flax nn.gelu default), so outputs differ slightly (about 1e-3)')
-  elif act not in TANH_GELUS:
-    raise UserError(f'{path}: hidden_act {act!r} has no vit_jax equivalent; valid: gelu, '
-                    + ', '.join(TANH_GELUS))
+  act = config.get('hidden_act', EXACT_GELU)
+  if act != EXACT_GELU and act not in TANH_GELUS:
+    raise UserError(f'{path}: hidden_act {act!r} has no vit_jax equivalent; valid: '
+                    + ', '.join((EXACT_GELU,) + TANH_GELUS))
+  layer_norm_eps = config.get('layer_norm_eps', LAYER_NORM_EPS)
+  if isinstance(layer_norm_eps, bool) or not isinstance(layer_norm_eps, (int, float)) or not (
+      0 < layer_norm_eps < 1):
+    raise UserError(f'{path}/{CONFIG_FILE}: layer_norm_eps {layer_norm_eps!r} is not a number '
+                    'between 0 and 1')
 
-  params = from_hf_state(state, num_layers, num_heads, path)
+  params = from_hf_state(state, num_layers, num_heads, path, qkv_bias=qkv_bias)
   hidden_size, mlp_dim = params['Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel'].shape
   patch_h, patch_w = params['embedding/kernel'].shape[:2]
   num_classes = params['head/bias'].shape[0] if 'head/bias' in params else None
@@ -99,7 +99,9 @@ def read(path, log=print):
       patch_size=(patch_h, patch_w), hidden_size=hidden_size, num_layers=num_layers,
       num_heads=num_heads, mlp_dim=mlp_dim, classifier='token', num_classes=num_classes,
       representation_size=(params['pre_logits/bias'].shape[0]
-                           if 'pre_logits/bias' in params else None))
+                           if 'pre_logits/bias' in params else None),
+      gelu_approximate=act in TANH_GELUS, layer_norm_eps=float(layer_norm_eps),
+      qkv_bias=qkv_bias)
   image_size = config.get('image_size', 224)
   id2label = config.get('id2label') or {}
   class_names = None
@@ -154,7 +156,7 @@ def _legacy_name(key):
   return key
 
 
-def _key_pairs(num_layers, num_heads):
+def _key_pairs(num_layers, num_heads, qkv_bias=True):
   """(HF key, vit_jax key, HF -> ours, ours -> HF) for every tensor both layouts share.
 
   One table serves both directions, so reading and writing cannot drift apart.
@@ -176,8 +178,9 @@ def _key_pairs(num_layers, num_heads):
       pairs.append((hf + f'attention.attention.{name}.weight', attention + f'{name}/kernel',
                     lambda w: w.T.reshape(w.shape[1], num_heads, -1),  # (D', D) -> (D, h, d)
                     lambda k: k.reshape(k.shape[0], -1).T))
-      pairs.append((hf + f'attention.attention.{name}.bias', attention + f'{name}/bias',
-                    lambda b: b.reshape(num_heads, -1), lambda b: b.reshape(-1)))
+      if qkv_bias:
+        pairs.append((hf + f'attention.attention.{name}.bias', attention + f'{name}/bias',
+                      lambda b: b.reshape(num_heads, -1), lambda b: b.reshape(-1)))
     pairs.append((hf + 'attention.output.dense.weight', attention + 'out/kernel',
                   lambda w: w.T.reshape(num_heads, -1, w.shape[0]),  # (D, D') -> (h, d, D)
                   lambda k: k.reshape(-1, k.shape[-1]).T))
@@ -219,11 +222,11 @@ def _move(source, pairs, to_ours, what):
   return converted
 
 
-def from_hf_state(state, num_layers, num_heads, path='the HF weights'):
+def from_hf_state(state, num_layers, num_heads, path='the HF weights', qkv_bias=True):
   """HF ViT tensors (legacy names) -> flat vit_jax params; UserError lists missing/extra keys."""
   state = dict(state)
   state.pop('vit.embeddings.mask_token', None)  # Masked-image-modelling only; never used here.
-  pairs = _key_pairs(num_layers, num_heads)
+  pairs = _key_pairs(num_layers, num_heads, qkv_bias)
   for hf_dense, our_dense in (('vit.pooler.dense', 'pre_logits'), ('classifier', 'head')):
     if hf_dense + '.weight' in state:  # Both optional: a bare ViTModel has no classifier.
       pairs += _dense_pairs(hf_dense, our_dense)
@@ -245,7 +248,8 @@ def check_writable(model_kwargs):
     problems.append(f"classifier={model_kwargs['classifier']!r} (HF ViT pools the class token: "
                     "needs 'token')")
   for key, plain in (('representation_size', None), ('num_registers', 0), ('qk_norm', False),
-                     ('layer_scale_init', None), ('resnet_layers', None)):
+                     ('layer_scale_init', None), ('resnet_layers', None), ('fc_norm', False),
+                     ('no_embed_class', False), ('pre_norm', False), ('distilled', False)):
     if model_kwargs.get(key, plain) != plain:
       problems.append(f'{key}={model_kwargs[key]!r} (HF ViT has none)')
   if model_kwargs.get('posemb', 'learn') != 'learn':
@@ -257,9 +261,9 @@ def check_writable(model_kwargs):
                     + '; '.join(problems) + '; write npz instead')
 
 
-def to_hf_state(params, num_layers, num_heads):
+def to_hf_state(params, num_layers, num_heads, qkv_bias=True):
   """Flat per-layer vit_jax params -> HF ViTForImageClassification tensors (legacy names)."""
-  pairs = _key_pairs(num_layers, num_heads) + _dense_pairs('classifier', 'head')
+  pairs = _key_pairs(num_layers, num_heads, qkv_bias) + _dense_pairs('classifier', 'head')
   return _move(params, pairs, to_ours=False,
                what=f'the parameters are not a ViT-for-HF with {num_layers} layers')
 
@@ -277,14 +281,15 @@ def hf_config(model_kwargs, image_size, num_channels, class_names=None):
       'num_hidden_layers': int(model_kwargs['num_layers']),
       'num_attention_heads': int(model_kwargs['num_heads']),
       'intermediate_size': int(model_kwargs['mlp_dim']),
-      'hidden_act': WRITTEN_GELU,
+      'hidden_act': (WRITTEN_TANH_GELU if model_kwargs.get('gelu_approximate', True)
+                     else EXACT_GELU),
       'hidden_dropout_prob': float(model_kwargs.get('dropout_rate', 0.0)),
       'attention_probs_dropout_prob': float(model_kwargs.get('attention_dropout_rate', 0.0)),
-      'layer_norm_eps': LAYER_NORM_EPS,
+      'layer_norm_eps': float(model_kwargs.get('layer_norm_eps', 1e-6)),
       'image_size': int(image_size),
       'patch_size': int(patch_h) if patch_h == patch_w else [int(patch_h), int(patch_w)],
       'num_channels': int(num_channels),
-      'qkv_bias': True,
+      'qkv_bias': bool(model_kwargs.get('qkv_bias', True)),
       'encoder_stride': int(patch_h),
       'id2label': {str(i): str(name) for i, name in enumerate(class_names)},
       'label2id': {str(name): i for i, name in enumerate(class_names)},
@@ -299,7 +304,8 @@ def write(params, model_kwargs, path, image_size, class_names=None):
   check_writable(model_kwargs)
   params = {key: value.astype(np.float32) if value.dtype.name == 'bfloat16' else value
             for key, value in tree.to_numpy(params).items()}
-  state = to_hf_state(params, int(model_kwargs['num_layers']), int(model_kwargs['num_heads']))
+  state = to_hf_state(params, int(model_kwargs['num_layers']), int(model_kwargs['num_heads']),
+                      bool(model_kwargs.get('qkv_bias', True)))
   config = hf_config(model_kwargs, image_size,
                      num_channels=state[_EMB + 'patch_embeddings.projection.weight'].shape[1],
                      class_names=class_names)
