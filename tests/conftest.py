@@ -11,6 +11,13 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
+# One persistent XLA compilation cache for every test process and the train.py runs they start
+# (they inherit the environment): the same quickstart steps are compiled by dozens of them. It
+# changes no result, only how often XLA compiles the same program.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(REPO_ROOT, '.pytest_cache', 'jax_compilation_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.3')
+
 
 def shared_fixtures(name):
   """The folder of a reference checkpoint under shared/fixtures (see its README).

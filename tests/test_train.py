@@ -193,11 +193,13 @@ def test_twenty_steps_compile_train_and_eval_once(tmp_path, caplog):
   config.plot_every_eval = False
   config.schedule.warmup_steps = 2
   jax.config.update('jax_log_compiles', True)
+  jax.config.update('jax_enable_compilation_cache', False)  # A cache hit logs no compile.
   try:
     with caplog.at_level(logging.WARNING):
       trainer.train_and_evaluate(config, str(tmp_path / 'w'), log=lambda *a: None)
   finally:
     jax.config.update('jax_log_compiles', False)
+    jax.config.update('jax_enable_compilation_cache', True)
   compiles = [r.getMessage() for r in caplog.records
               if r.getMessage().startswith('Finished XLA compilation')]
   assert sum('jit(train_step)' in m for m in compiles) == 1, compiles
