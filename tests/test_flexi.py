@@ -117,10 +117,9 @@ def _explicit_params(params, new_patch, base_grid, new_grid):
 def test_a_model_at_another_patch_size_matches_the_explicit_resize(patch):
   images = _images(size=32)  # Base patch 8: a 4x4 grid.
   base = models.create_model('ViT-B/16', 3, num_registers=1, **TINY)
-  params = jax.jit(base.init)(jax.random.key(0), images)['params']
+  params = base.init(jax.random.key(0), images)['params']
   params['head']['kernel'] = jax.random.normal(jax.random.key(1), (32, 3))
-  flexed = jax.jit(lambda p: base.apply({'params': p}, images, patch_size=(patch, patch)))(
-      params)
+  flexed = base.apply({'params': params}, images, patch_size=(patch, patch))
   grid = 32 // patch
   explicit_model = models.create_model('ViT-B/16', 3, num_registers=1,
                                        **dict(TINY, patch_size=patch))
@@ -128,8 +127,8 @@ def test_a_model_at_another_patch_size_matches_the_explicit_resize(patch):
       {'params': _explicit_params(params, (patch, patch), (4, 4), (grid, grid))}, images)
   np.testing.assert_allclose(flexed, explicit, atol=1e-5)
   # The stored base is what a flexi call reads and trains: the same shapes, gradients into it.
-  grads = jax.jit(jax.grad(lambda p: jnp.sum(base.apply(
-      {'params': p}, images, patch_size=patch) ** 2)))(params)
+  grads = jax.grad(lambda p: jnp.sum(base.apply({'params': p}, images, patch_size=patch) ** 2))(
+      params)
   assert grads['embedding']['kernel'].shape == (8, 8, 3, 32)
   assert grads['Transformer']['posembed_input']['pos_embedding'].shape == (1, 17, 32)
   assert np.abs(grads['embedding']['kernel']).max() > 0
@@ -145,7 +144,7 @@ def test_flexi_with_rope_measures_positions_in_base_cells():
   np.testing.assert_allclose(positions[:5], [[0, 0], [0, 1], [0, 2], [0, 3], [0.5, 0]])
   model = models.create_model('ViT-B/16', 3, posemb='rope_mixed', **TINY)
   images = _images()
-  params = jax.jit(model.init)(jax.random.key(0), images)['params']
+  params = model.init(jax.random.key(0), images)['params']
   for patch in (4, 16):
     assert np.all(np.isfinite(model.apply({'params': params}, images, patch_size=patch)))
 
@@ -153,25 +152,27 @@ def test_flexi_with_rope_measures_positions_in_base_cells():
 def test_scan_remat_and_bf16():
   images = _images()
   per_layer = models.create_model('ViT-B/16', 3, **TINY)
-  params = jax.jit(per_layer.init)(jax.random.key(0), images)['params']
+  params = per_layer.init(jax.random.key(0), images)['params']
   params['head']['kernel'] = jax.random.normal(jax.random.key(1), (32, 3))
   expected = per_layer.apply({'params': params}, images, patch_size=16)
   scanned = models.create_model('ViT-B/16', 3, scan=True, remat_policy='full',
                                 dtype='bfloat16', **TINY)
   scan_params = models.layers_to_scan(params)
-  step = jax.jit(jax.value_and_grad(lambda p: jnp.sum(scanned.apply(
-      {'params': p}, images, train=True, patch_size=16, rngs={'dropout': jax.random.key(0)})
-      ** 2)))
-  loss, grads = step(scan_params)
+
+  def loss_fn(p):
+    logits = scanned.apply({'params': p}, images, train=True, patch_size=16,
+                           rngs={'dropout': jax.random.key(0)})
+    return jnp.sum(logits**2), logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(scan_params)
   assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-  logits = jax.jit(lambda p: scanned.apply({'params': p}, images, patch_size=16))(scan_params)
-  np.testing.assert_allclose(logits, expected, atol=0.1)
+  np.testing.assert_allclose(logits, expected, atol=0.1)  # No dropout: as at eval.
 
 
 def test_a_patch_that_does_not_divide_the_image_is_a_user_error():
   from vit_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   model = models.create_model('ViT-B/16', 3, **TINY)
-  params = jax.jit(model.init)(jax.random.key(0), _images())['params']
+  params = model.init(jax.random.key(0), _images())['params']
   with pytest.raises(UserError, match='patch size 12x12 does not divide the image size 32x32'):
     model.apply({'params': params}, _images(), patch_size=12)
 

@@ -20,7 +20,7 @@ def _images(size=32, batch=2, seed=0):
 
 
 def _init(model, images):
-  return jax.jit(model.init)(jax.random.key(0), images)['params']
+  return model.init(jax.random.key(0), images)['params']
 
 
 def test_number_of_kept_patches():
@@ -32,9 +32,8 @@ def test_number_of_kept_patches():
 
 def _attention_tokens(model, params, images, train, key=0):
   """(query tokens, key tokens) of every attention layer, from the sown attention weights."""
-  _, state = jax.jit(lambda p, x, k: model.apply(
-      {'params': p}, x, train=train, rngs={'dropout': k}, mutable=['intermediates']))(
-          params, images, jax.random.key(key))
+  _, state = model.apply({'params': params}, images, train=train,
+                         rngs={'dropout': jax.random.key(key)}, mutable=['intermediates'])
   weights = jax.tree.leaves(state['intermediates'])
   return {tuple(w.shape[-2:]) for w in weights}
 
@@ -159,11 +158,13 @@ def test_scan_remat_and_bf16():
   model = models.create_model('ViT-B/16', 3, patch_dropout=0.5, scan=True, remat_policy='dots',
                               dtype='bfloat16', posemb='learn+rope', **TINY)
   params = _init(model, images)
+  params['head']['kernel'] = jax.random.normal(jax.random.key(1), (32, 3))  # Not zero: a loss.
   step = jax.jit(jax.value_and_grad(lambda p, k: jnp.sum(model.apply(
       {'params': p}, images, train=True, rngs={'dropout': k}) ** 2)))
   loss, grads = step(params, jax.random.key(0))
   assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-  assert float(step(params, jax.random.key(0))[0]) == float(loss)
+  assert float(step(params, jax.random.key(0))[0]) == float(loss)  # Same key, same tokens.
+  assert float(step(params, jax.random.key(1))[0]) != float(loss)
 
 
 @pytest.mark.parametrize('overrides,message', [
