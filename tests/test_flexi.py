@@ -102,31 +102,44 @@ def test_resize_patch_embedding_on_its_own():
     flexi.resize_patch_embedding(kernel, (0, 4))
 
 
-def _explicit_params(params, new_patch, base_grid, new_grid):
+def _explicit_params(params, new_patch, base_grid, new_grid, num_prefix):
   """The base model's params turned by hand into those of a model with patch `new_patch`."""
   params = jax.tree.map(lambda leaf: leaf, params)
   params['embedding']['kernel'] = models.resize_patch_embedding(
       params['embedding']['kernel'], new_patch)
   table = params['Transformer']['posembed_input']['pos_embedding']
   params['Transformer']['posembed_input']['pos_embedding'] = models.resize_posemb(
-      table, new_grid, 1, old_grid_hw=base_grid)
+      table, new_grid, num_prefix, old_grid_hw=base_grid)
   return params
 
 
-@pytest.mark.parametrize('patch', [4, 16])
-def test_a_model_at_another_patch_size_matches_the_explicit_resize(patch):
+@pytest.mark.parametrize('patch,options', [
+    (4, {}), (16, {}),
+    (16, dict(pre_norm=True, no_embed_class=True)),  # No embedding bias, no prefix in the table.
+])
+def test_a_model_at_another_patch_size_matches_the_explicit_resize(patch, options):
   images = _images(size=32)  # Base patch 8: a 4x4 grid.
-  base = models.create_model('ViT-B/16', 3, num_registers=1, **TINY)
+  base = models.create_model('ViT-B/16', 3, num_registers=1, **options, **TINY)
   params = base.init(jax.random.key(0), images)['params']
   params['head']['kernel'] = jax.random.normal(jax.random.key(1), (32, 3))
   flexed = base.apply({'params': params}, images, patch_size=(patch, patch))
   grid = 32 // patch
-  explicit_model = models.create_model('ViT-B/16', 3, num_registers=1,
-                                       **dict(TINY, patch_size=patch))
+  explicit_kwargs = dict(num_registers=1, **options, **dict(TINY, patch_size=patch))
+  explicit_model = models.create_model('ViT-B/16', 3, **explicit_kwargs)
+  num_prefix = models.posemb_prefix_tokens(models.model_kwargs('ViT-B/16', 3, **explicit_kwargs))
   explicit = explicit_model.apply(
-      {'params': _explicit_params(params, (patch, patch), (4, 4), (grid, grid))}, images)
+      {'params': _explicit_params(params, (patch, patch), (4, 4), (grid, grid), num_prefix)},
+      images)
   np.testing.assert_allclose(flexed, explicit, atol=1e-5)
-  # The stored base is what a flexi call reads and trains: the same shapes, gradients into it.
+
+
+def test_the_stored_base_is_what_a_flexi_call_reads_and_trains():
+  images = _images(size=32)
+  base = models.create_model('ViT-B/16', 3, **TINY)
+  params = base.init(jax.random.key(0), images)['params']
+  params['head']['kernel'] = jax.random.normal(jax.random.key(1), (32, 3))
+  patch = 16
+  # Gradients reach the base kernel and table.
   grads = jax.grad(lambda p: jnp.sum(base.apply({'params': p}, images, patch_size=patch) ** 2))(
       params)
   assert grads['embedding']['kernel'].shape == (8, 8, 3, 32)

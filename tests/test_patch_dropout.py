@@ -50,6 +50,17 @@ def test_the_encoder_sees_the_kept_patches_and_prefix_in_training_and_all_at_eva
   assert _attention_tokens(model, params, images, train=False) == {(PATCHES + prefix,) * 2}
 
 
+def test_distillation_token_and_no_embed_class_prefix_is_kept():
+  # With no_embed_class the class and distillation tokens skip the table and join after the
+  # drop, with the registers: all four are kept, and 8 of the 16 patches.
+  model = models.create_model('ViT-B/16', 3, patch_dropout=0.5, num_registers=2, distilled=True,
+                              no_embed_class=True, **TINY)
+  images = _images()
+  params = _init(model, images)
+  assert _attention_tokens(model, params, images, train=True) == {(8 + 4, 8 + 4)}
+  assert _attention_tokens(model, params, images, train=False) == {(PATCHES + 4,) * 2}
+
+
 def test_same_key_same_patches_other_key_other_patches():
   tokens = jax.random.normal(jax.random.key(0), (4, 1 + PATCHES, 8))
   drop = lambda seed: patch_dropout.drop_patches(jax.random.key(seed), tokens, None, 1, 0.5)

@@ -95,13 +95,17 @@ def test_patch_token_logits_in_the_model_depend_only_on_the_offset(mode):
     assert np.all(np.abs(other - reference) > 1e-4)
 
 
-@pytest.mark.parametrize('mode', MODES)
-def test_class_and_register_tokens_are_not_rotated(mode):
-  model = models.create_model('ViT-B/16', 3, posemb=POSEMB[mode], num_registers=2, **TINY)
+@pytest.mark.parametrize('mode,options', [
+    ('axial', {}), ('mixed', {}),
+    ('axial', dict(distilled=True, no_embed_class=True)),  # DeiT's token, no table in front
+])
+def test_class_and_register_tokens_are_not_rotated(mode, options):
+  model = models.create_model('ViT-B/16', 3, posemb=POSEMB[mode], num_registers=2, **options,
+                              **TINY)
   images = _images()
   params = _init(model, images)
   query, key, rotated_q, rotated_k = _rope_calls(model, params, images)
-  prefix = 1 + 2  # The class token and two registers.
+  prefix = 1 + options.get('distilled', 0) + 2  # Class (and distillation) token, 2 registers.
   np.testing.assert_array_equal(rotated_q[:, :prefix], query[:, :prefix])
   np.testing.assert_array_equal(rotated_k[:, :prefix], key[:, :prefix])
   # Patch (0, 0) sits at angle 0; every other patch turns, keeping its norm.
