@@ -545,7 +545,7 @@ def test_sincos_posemb_has_no_parameters():
     ('R50+ViT-B/8', {}, 'multiple of 16'),
     ('ViT-B/16', dict(num_heads=5), 'num_heads 5 does not divide the width 768'),
     ('ViT-B/16', dict(classifier='cls'), "unknown classifier 'cls'"),
-    ('ViT-B/16', dict(posemb='rope'), "unknown posemb 'rope'"),
+    ('ViT-B/16', dict(posemb='rotary'), "unknown posemb 'rotary'"),
     ('ViT-B/16', dict(remat_policy='some'), "unknown remat_policy 'some'"),
     ('ViT-B/16', dict(attention_impl='flash'), "unknown attention_impl 'flash'"),
     ('ViT-B/16', dict(dtype='float64'), "unknown dtype 'float64'"),

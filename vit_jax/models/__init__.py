@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax.errors import UserError
+from vit_jax.models.flexi import resize_patch_embedding
 from vit_jax.models.layout import layers_to_scan, scan_to_layers
 from vit_jax.models.mixer import MlpMixer
 from vit_jax.models.vit import VisionTransformer, posemb_prefix_tokens, resize_posemb
@@ -145,6 +146,6 @@ def count_params(name, num_classes=1000, image_size=224, **overrides):
 
 __all__ = [
     'ARCHITECTURE_FIELDS', 'MlpMixer', 'VisionTransformer', 'count_params', 'create_model', 'decode_name',
-    'layers_to_scan', 'model_kwargs', 'posemb_prefix_tokens', 'resize_posemb',
-    'scan_to_layers',
+    'layers_to_scan', 'model_kwargs', 'posemb_prefix_tokens', 'resize_patch_embedding',
+    'resize_posemb', 'scan_to_layers',
 ]

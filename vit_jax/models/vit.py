@@ -3,12 +3,15 @@
 The path an image takes:
   images (N, H, W, C)
   -> `embedding`: a P x P conv with stride P, one D-vector per patch   (N, H/P, W/P, D)
+     (`flexi.py`: the kernel PI-resized when called at another patch size)
   -> flatten to tokens, prepend the class token `cls` (classifier='token') and the DeiT
      distillation token `dist` (distilled=True)
   -> `Transformer`: add position embeddings (to the patches only with no_embed_class, the class
-     and distillation tokens then prepended after), insert register tokens, dropout,
+     and distillation tokens then prepended after), drop patches (`patch_dropout.py`,
+     training only), insert register tokens, dropout,
      `pre_norm` (CLIP style, optional), L pre-LayerNorm blocks (LN -> attention -> residual;
-     LN -> MLP -> residual), final LayerNorm `encoder_norm` (absent with fc_norm)
+     LN -> MLP -> residual), final LayerNorm `encoder_norm` (absent with fc_norm); with RoPE
+     (`rope.py`) attention turns the patch tokens' queries and keys by their grid positions
   -> pool (class token, mean, attention probe, or none) -> `fc_norm` (optional, timm style)
   -> `pre_logits` (Dense + tanh, only with representation_size) -> `head` (zero-initialised);
      a distilled model also has `head_dist` on the distillation token.
@@ -29,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.errors import UserError
-from vit_jax.models import resnet
+from vit_jax.models import flexi, patch_dropout, resnet, rope
 
 CLASSIFIERS = ('token', 'gap', 'map', 'unpooled')
-POSEMBS = ('learn', 'sincos2d')
+POSEMBS = ('learn', 'sincos2d') + tuple(rope.ROPE_POSEMBS)
 REMAT_POLICIES = {
     'none': None,  # No remat at all.
     'full': jax.checkpoint_policies.nothing_saveable,
@@ -201,11 +204,13 @@ class MultiHeadDotProductAttention(nn.Module):
   qkv_bias: bool = True
   layer_norm_eps: float = 1e-6
   attention_impl: str = 'auto'
+  rope: Optional[str] = None  # None | axial | mixed: rotate the patch tokens' queries and keys
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv, deterministic):
+  def __call__(self, inputs_q, inputs_kv, deterministic, positions=None):
+    """positions: (batch or 1, patches, 2) grid positions of the last tokens, for RoPE."""
     width = inputs_q.shape[-1]
     if width % self.num_heads:
       raise UserError(f'num_heads {self.num_heads} does not divide the width {width}')
@@ -221,6 +226,9 @@ class MultiHeadDotProductAttention(nn.Module):
       norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                                        param_dtype=self.param_dtype, name=name)
       query, key = norm('query_norm')(query), norm('key_norm')(key)
+    if self.rope is not None and positions is not None:
+      query, key = rope.RotaryEmbedding2D(self.rope, param_dtype=self.param_dtype, name='rope')(
+          query, key, positions)
 
     wants_weights = self.is_mutable_collection('intermediates')
     drops_weights = not deterministic and self.attention_dropout_rate > 0
@@ -260,11 +268,12 @@ class EncoderBlock(nn.Module):
   gelu_approximate: bool = True
   layer_norm_eps: float = 1e-6
   attention_impl: str = 'auto'
+  rope: Optional[str] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, drop_path_rate, deterministic):  # x: (batch, tokens, width)
+  def __call__(self, x, drop_path_rate, deterministic, positions=None):  # x: (batch, tokens, width)
     norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
 
@@ -279,8 +288,9 @@ class EncoderBlock(nn.Module):
     y = MultiHeadDotProductAttention(
         num_heads=self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
         qk_norm=self.qk_norm, qkv_bias=self.qkv_bias, layer_norm_eps=self.layer_norm_eps,
-        attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
-        name='MultiHeadDotProductAttention_1')(y, y, deterministic)
+        attention_impl=self.attention_impl, rope=self.rope, dtype=self.dtype,
+        param_dtype=self.param_dtype, name='MultiHeadDotProductAttention_1')(
+            y, y, deterministic, positions)
     y = nn.Dropout(self.dropout_rate)(y, deterministic)
     x = x + DropPath()(layer_scale(y, 'layer_scale_1'), drop_path_rate, deterministic)
 
@@ -302,6 +312,7 @@ class Encoder(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
+  patch_dropout: float = 0.0
   layer_scale_init: Optional[float] = None
   qk_norm: bool = False
   qkv_bias: bool = True
@@ -316,7 +327,7 @@ class Encoder(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, grid_hw, unembedded=None, *, train=False):
+  def __call__(self, x, grid_hw, unembedded=None, *, train=False, base_grid_hw=None):
     """Runs the encoder.
 
     Args:
@@ -325,12 +336,21 @@ class Encoder(nn.Module):
       unembedded: (batch, K, width) or None: tokens with no position embedding (registers;
         with no_embed_class also the class and distillation tokens in front of them), inserted
         after the first `num_prefix_tokens` tokens.
-      train: dropout and drop-path on.
+      train: dropout, drop-path and patch dropout on.
+      base_grid_hw: the grid the learned table is stored for, when it differs from `grid_hw`
+        (a FlexiViT call at another patch size; see `vit_jax.models.flexi`).
 
     Returns:
       (batch, tokens, width), after the final LayerNorm when `final_norm`.
     """
-    x = x + self._position_embeddings(x.shape, grid_hw).astype(x.dtype)
+    posemb = self._position_embeddings(x.shape, grid_hw, base_grid_hw)
+    if posemb is not None:
+      x = x + posemb.astype(x.dtype)
+    rope_mode = rope.rope_mode(self.posemb)
+    positions = rope.grid_positions(grid_hw, base_grid_hw) if rope_mode else None
+    if train and self.patch_dropout:
+      x, positions, _ = patch_dropout.drop_patches(
+          self.make_rng('dropout'), x, positions, self.num_prefix_tokens, self.patch_dropout)
     if unembedded is not None:
       prefix = self.num_prefix_tokens
       x = jnp.concatenate([x[:, :prefix], unembedded.astype(x.dtype), x[:, prefix:]], axis=1)
@@ -346,10 +366,11 @@ class Encoder(nn.Module):
         attention_dropout_rate=self.attention_dropout_rate,
         layer_scale_init=self.layer_scale_init, qk_norm=self.qk_norm, qkv_bias=self.qkv_bias,
         gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps,
-        attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
+        attention_impl=self.attention_impl, rope=rope_mode, dtype=self.dtype,
+        param_dtype=self.param_dtype)
     block_cls = EncoderBlock
     if self.remat_policy != 'none':
-      # (self, x, rate, deterministic): inside scan the rate is traced, so only
+      # (self, x, rate, deterministic, positions): inside scan the rate is traced, so only
       # `deterministic` can be static there.
       block_cls = nn.remat(EncoderBlock, prevent_cse=not self.scan,
                            policy=REMAT_POLICIES[self.remat_policy],
@@ -359,25 +380,32 @@ class Encoder(nn.Module):
       x, _ = nn.scan(
           block_cls, variable_axes={'params': 0, 'intermediates': 0},
           split_rngs={'params': True, 'dropout': True},
-          in_axes=(0 if self.drop_path_rate else nn.broadcast, nn.broadcast),
+          in_axes=(0 if self.drop_path_rate else nn.broadcast, nn.broadcast, nn.broadcast),
           length=self.num_layers)(name='encoderblock', **block_kwargs)(
-              x, scanned_rates, not train)
+              x, scanned_rates, not train, positions)
     else:
       for i in range(self.num_layers):
-        x, _ = block_cls(name=f'encoderblock_{i}', **block_kwargs)(x, rates[i], not train)
+        x, _ = block_cls(name=f'encoderblock_{i}', **block_kwargs)(
+            x, rates[i], not train, positions)
     return self._norm('encoder_norm')(x) if self.final_norm else x
 
   def _norm(self, name):
     return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                         param_dtype=self.param_dtype, name=name)
 
-  def _position_embeddings(self, tokens_shape, grid_hw):
-    """(1, prefix + gh * gw, width): learned, or fixed sin-cos with zeros for the prefix."""
+  def _position_embeddings(self, tokens_shape, grid_hw, base_grid_hw=None):
+    """(1, prefix + gh * gw, width): learned, or fixed sin-cos with zeros for the prefix; None
+    with RoPE alone. A learned table stored for `base_grid_hw` (FlexiViT) is resized bilinearly."""
     _, num_tokens, width = tokens_shape
+    if rope.absolute_posemb(self.posemb) is None:
+      return None
     if self.posemb == 'sincos2d':
       prefix = jnp.zeros((1, self.num_prefix_tokens, width), jnp.float32)
       return jnp.concatenate([prefix, posemb_sincos_2d(grid_hw, width)], axis=1)
-    shape = (1, num_tokens, width)
+    shape, table_grid_hw = (1, num_tokens, width), grid_hw
+    if base_grid_hw is not None:  # FlexiViT: the table is stored for the base grid.
+      table_grid_hw = tuple(base_grid_hw)
+      shape = (1, self.num_prefix_tokens + math.prod(table_grid_hw), width)
     scope = 'posembed_input'
     # Catch a grid change here with a useful message, before flax's shape check does.
     if self.has_variable('params', scope):
@@ -385,9 +413,13 @@ class Encoder(nn.Module):
       if tuple(stored) != shape:
         raise UserError(
             f'position embeddings were made for {stored[1]} tokens but the images give '
-            f'{num_tokens} ({grid_hw[0]}x{grid_hw[1]} patches + {self.num_prefix_tokens}); '
+            f'{shape[1]} ({table_grid_hw[0]}x{table_grid_hw[1]} patches + '
+            f'{self.num_prefix_tokens}); '
             'resize them with vit_jax.models.resize_posemb')
-    return AddPositionEmbs(param_dtype=self.param_dtype, name=scope)(shape)
+    table = AddPositionEmbs(param_dtype=self.param_dtype, name=scope)(shape)
+    if base_grid_hw is not None:
+      table = resize_posemb(table, grid_hw, self.num_prefix_tokens, base_grid_hw)
+    return table
 
 
 class AddPositionEmbs(nn.Module):
@@ -446,6 +478,10 @@ class VisionTransformer(nn.Module):
   `logits` from the class token, for the cross-entropy with the labels, and `dist_logits` from
   the distillation token, for the loss against the teacher. Every other model returns one array
   in training as at eval.
+
+  FlexiViT: `patch_size` is the base patch of the stored kernel; `model.apply(..., patch_size=p)`
+  runs at patch p with the kernel PI-resized and a learned position table resized from the base
+  grid (H // base x W // base) on the fly (`vit_jax.models.flexi`).
   """
   num_classes: Optional[int]  # None or 0: return the pre-logits features.
   patch_size: Sequence[int] = (16, 16)
@@ -454,12 +490,13 @@ class VisionTransformer(nn.Module):
   num_heads: int = 12
   mlp_dim: int = 3072
   classifier: str = 'token'  # token | gap | map | unpooled
-  posemb: str = 'learn'  # learn | sincos2d
+  posemb: str = 'learn'  # learn | sincos2d | rope | rope_mixed | learn+rope | learn+rope_mixed
   num_registers: int = 0
   representation_size: Optional[int] = None
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
+  patch_dropout: float = 0.0  # Fraction of patch tokens dropped in training (0: off).
   layer_scale_init: Optional[float] = None
   qk_norm: bool = False
   # The GELU of every MLP: the tanh approximation (True, flax's and the published models') or
@@ -512,23 +549,38 @@ class VisionTransformer(nn.Module):
       if problems:
         raise UserError('distilled=True reads the class and distillation tokens straight into '
                         'their heads; it needs ' + ', '.join(problems))
+    if rope.rope_mode(self.posemb) and (self.hidden_size // self.num_heads) % 4:
+      raise UserError(f'posemb={self.posemb} needs a head width (hidden_size / num_heads) '
+                      f'divisible by 4, got {self.hidden_size // self.num_heads}')
+    if not 0.0 <= self.patch_dropout < 1.0:
+      raise UserError(f'patch_dropout must be in [0, 1), got {self.patch_dropout}')
+    if self.patch_dropout and self.classifier == 'unpooled':
+      raise UserError('patch_dropout with classifier=unpooled would return fewer per-patch '
+                      'outputs in training than at eval; use token, gap or map')
 
   @nn.compact
-  def __call__(self, images, *, train=False):
-    """images: float (batch, height, width, channels) in [-1, 1]."""
+  def __call__(self, images, *, train=False, patch_size=None):
+    """images: float (batch, height, width, channels) in [-1, 1].
+
+    patch_size: (p, q) to run at instead of the base `patch_size` (FlexiViT); None: the base.
+    """
     self.check_config()
     x = jnp.asarray(images, self.dtype)
     if self.resnet_layers is not None:
       x = resnet.resnet_stem(x, self.resnet_layers, self.resnet_width, self.dtype,
                              self.param_dtype)
-    patch_h, patch_w = self.patch_size
+    base_patch = tuple(self.patch_size)
+    patch_h, patch_w = base_patch if patch_size is None else flexi.as_hw(patch_size)
     if x.shape[1] % patch_h or x.shape[2] % patch_w:
       raise UserError(f'patch size {patch_h}x{patch_w} does not divide the image size '
                       f'{images.shape[1]}x{images.shape[2]}'
                       + (' (after the 16x ResNet stem)' if self.resnet_layers else ''))
-    x = nn.Conv(self.hidden_size, (patch_h, patch_w), strides=(patch_h, patch_w),
-                padding='VALID', use_bias=not self.pre_norm, dtype=self.dtype,
-                param_dtype=self.param_dtype, name='embedding')(x)
+    base_grid_hw = None  # The grid of the stored position table, when not this call's grid.
+    if (patch_h, patch_w) != base_patch:
+      base_grid_hw = (x.shape[1] // base_patch[0], x.shape[2] // base_patch[1])
+    x = flexi.PatchEmbedding(self.hidden_size, base_patch, use_bias=not self.pre_norm,
+                             dtype=self.dtype, param_dtype=self.param_dtype, name='embedding')(
+                                 x, (patch_h, patch_w))
     batch, grid_h, grid_w, width = x.shape
     x = jnp.reshape(x, (batch, grid_h * grid_w, width))  # (batch, patches, width)
 
@@ -557,13 +609,14 @@ class VisionTransformer(nn.Module):
         num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         posemb=self.posemb, num_prefix_tokens=num_embedded_prefix,
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-        drop_path_rate=self.drop_path_rate, layer_scale_init=self.layer_scale_init,
+        drop_path_rate=self.drop_path_rate, patch_dropout=self.patch_dropout,
+        layer_scale_init=self.layer_scale_init,
         qk_norm=self.qk_norm, qkv_bias=self.qkv_bias, gelu_approximate=self.gelu_approximate,
         layer_norm_eps=self.layer_norm_eps, pre_norm=self.pre_norm, final_norm=not self.fc_norm,
         attention_impl=self.attention_impl, scan=self.scan, remat_policy=self.remat_policy,
         dtype=self.dtype, param_dtype=self.param_dtype, name='Transformer')(
             x, (grid_h, grid_w), jnp.concatenate(unembedded, axis=1) if unembedded else None,
-            train=train)
+            train=train, base_grid_hw=base_grid_hw)
 
     num_prefix = len(prefix) + self.num_registers
     patch_tokens = x[:, num_prefix:]  # (batch, gh * gw, width)
