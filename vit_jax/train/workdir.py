@@ -80,9 +80,12 @@ class RunFiles:
         raise UserError(f'workdir {self} cannot be written ({probe_dir} is not a writable '
                         'folder: it is a file)')
     probe = probe_dir / f'.vit_jax_probe_{uuid.uuid4().hex}'
+    times = os.stat(probe_dir) if _is_local(probe_dir) else None
     try:
       probe.write_text('')
       probe.unlink()
+      if times is not None:  # Leave the folder as it was, its modification time included.
+        os.utime(probe_dir, ns=(times.st_atime_ns, times.st_mtime_ns))
     except OSError as e:
       raise UserError(f'workdir {self} cannot be written ({probe_dir} is not a writable '
                       f'folder: {describe_os_error(e)})') from None
