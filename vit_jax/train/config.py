@@ -28,6 +28,7 @@ import re
 import subprocess
 import typing
 
+import jax.numpy as jnp
 import ml_collections
 from ml_collections.config_dict import placeholder
 
@@ -482,11 +483,20 @@ def _migrate_v1(flat_config):
     config.pretrained.url, config.pretrained.format = None, None
   # The model keys were every ViT option at its default; only set ones are kept, and none of
   # the ViT-only ones for a Mixer (which ignored them).
+  # A key at the model's own default is unset now (None), so that it compares equal to a new
+  # run's config.
   family = models.decode_name(config.model_name)[0]
-  mixer_fields = {f.name for f in dataclasses.fields(family)}
+  defaults_of = {f.name: f.default for f in dataclasses.fields(family)}
+  def is_default(key, value):
+    if key in models.ARCHITECTURE_FIELDS:  # Their default is the model name's, not the field's.
+      return False
+    default = defaults_of[key]
+    if key.endswith('dtype'):
+      return jnp.dtype(value) == jnp.dtype(default)
+    return value == default
   config.model = ml_collections.ConfigDict({
       key: value for key, value in config.model.items()
-      if key in new.model and key in mixer_fields})
+      if key in new.model and key in defaults_of and not is_default(key, value)})
   merged = new
   merged.update(config)  # Keys the schema-1 file lacks keep their defaults.
   return merged
