@@ -111,10 +111,18 @@ def layer_ids(params):
   return jax.tree_util.tree_map_with_path(layer_id, params), num_layers
 
 
-def _names_seen(names, limit=8):
-  """A few parameter names, block numbers folded, for an error message."""
-  folded = sorted({re.sub(r'_\d+/', '_{i}/', name) for name in names})
-  return ', '.join(folded[:limit]) + (', ...' if len(folded) > limit else '')
+def _names_seen(names):
+  """The parameter names in short, for an error message: `{i}` for a block's number, `*` for
+  what lies below ('Transformer/encoderblock_{i}/*, cls, head/*')."""
+  groups = []
+  for name in names:
+    name = re.sub(r'^(Transformer/encoderblock|MixerBlock)_\d+/', r'\1_{i}/', name)
+    parts = name.split('/')
+    depth = 2 if parts[0] == 'Transformer' else 1
+    group = '/'.join(parts[:depth]) + ('/*' if len(parts) > depth else '')
+    if group not in groups:
+      groups.append(group)
+  return ', '.join(groups)
 
 
 def _factor(name, rules):
@@ -145,7 +153,7 @@ def per_parameter(optimizer_config, params):
   def check(key, pattern, candidates, what='parameter'):
     if not any(re.search(pattern, name) for name in candidates):
       raise UserError(f'optimizer.{key}: pattern {pattern!r} matches no {what} of the model '
-                      f'(names are searched; they look like {_names_seen(names)})')
+                      f'(the regex is searched in names such as {_names_seen(names)})')
 
   for pattern, _ in lr_rules:
     check('lr_multipliers', pattern, names)
