@@ -97,6 +97,28 @@ def test_predict_convert_and_the_reader_take_the_same_switch(ema_workdir, tmp_pa
   assert 'raw params' in captured.err and '1. ' in captured.out
 
 
+@pytest.mark.slow
+def test_a_workdir_as_pretrained_weights_gives_its_ema(ema_workdir):
+  """train.py's `pretrained.path` at a workdir: its EMA (what it evaluated), into a new head."""
+  import ml_collections
+  from vit_jax.train import build
+  from vit_jax.train import workdir as workdir_lib
+  from vit_jax.weights import pretrained, tree
+  config = workdir_lib.RunFiles(ema_workdir).read_config()
+  model = build.model_from_config(config, 3)
+  init = jax.device_get(model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params'])
+  lines = []
+  fitted = tree.flatten(pretrained.load_pretrained(
+      ml_collections.ConfigDict(dict(path=ema_workdir, url=None, format='auto')), init,
+      dict(config.model_fields, num_classes=3), log=lines.append))
+  assert any('EMA weights' in line for line in lines), lines
+  ema = tree.flatten(jax.device_get(checkpoint.restore_train_state(ema_workdir).ema_params))
+  for name, value in ema.items():
+    if not name.startswith('head/'):
+      np.testing.assert_array_equal(fitted[name], value, err_msg=name)
+  assert fitted['head/kernel'].shape == (64, 3)
+
+
 def test_asking_a_run_without_ema_for_it_is_a_one_line_error(tmp_path, capsys):
   lines = []
   _, params, _ = vit_jax.restore(NO_EMA_WORKDIR, log=lines.append)

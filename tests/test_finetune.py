@@ -1,12 +1,16 @@
 """Fine-tuning as the weights' authors did: layer-wise lr decay (per-layer and scanned blocks),
 lr and weight-decay multipliers by name, frozen parameters (a linear probe through the real train
-step)."""
+step), and train.py starting from a timm file whose model options must match the config's."""
+
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import run_train, shared_fixtures
 from vit_jax import models
 from vit_jax.errors import UserError
 from vit_jax.train import build
@@ -14,10 +18,17 @@ from vit_jax.train import checkpoint
 from vit_jax.train import config as config_lib
 from vit_jax.train import optim
 from vit_jax.train import sharding
+from vit_jax.weights import convert
 
 NUM_LAYERS = 3
 LR = 0.1
 PLAIN_SGD = dict(name='sgd', momentum=0.0, grad_clip_norm=0.0, weight_decay=0.0)
+TIMM_FILE = os.path.join(shared_fixtures('timm_vit'), 'plain_token.safetensors')
+# The fixture's architecture (plain_token.json: 32 px, patch 8, width 48, depth 2, 3 heads,
+# mlp_ratio 2) and timm's defaults for what its file does not store (exact GELU, eps 1e-6).
+TIMM_MODEL = ['--config.model_name=ViT-Ti/8', '--config.model.hidden_size=48',
+              '--config.model.num_layers=2', '--config.model.num_heads=3',
+              '--config.model.mlp_dim=96', '--config.model.classifier=token']
 
 
 def resolved(**optimizer):
@@ -228,3 +239,94 @@ def test_a_linear_probe_trains_the_head_alone_and_keeps_no_state_for_the_rest(tm
   restored = saver.restore(3, run.abstract_state)
   saver.close()
   assert checkpoint.tree_digest(restored) == checkpoint.tree_digest(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning from a timm file.
+
+
+def test_model_options_of_the_weights_must_match_the_config():
+  """The file's exact GELU against the model's default tanh one: named, with both values."""
+  init = jax.eval_shape(lambda: models.create_model(
+      'ViT-Ti/8', 10, hidden_size=48, num_layers=2, num_heads=3, mlp_dim=96).init(
+          jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params'])
+  model_kwargs = models.model_kwargs('ViT-Ti/8', 10, hidden_size=48, num_layers=2, num_heads=3,
+                                     mlp_dim=96, layer_norm_eps=1e-5)
+  with pytest.raises(UserError) as error:
+    convert.load_for_finetune(TIMM_FILE, init, model_kwargs, options_hint=' (config.model.X)')
+  message = str(error.value)
+  assert 'gelu_approximate=False (the model: True)' in message
+  assert 'layer_norm_eps=1e-06 (the model: 1e-05)' in message
+  assert message.startswith(TIMM_FILE) and message.endswith('(config.model.X)')
+  assert '\n' not in message
+
+
+@pytest.mark.parametrize('source', ['timm', 'hf', 'npz'])
+def test_every_weights_format_fine_tunes_with_a_fresh_head_and_resized_posemb(source, tmp_path):
+  """What train.py does with `pretrained.path` (`vit_jax.weights.pretrained`), from a timm file
+  with its NAME.json, an HF folder and an npz of the same architecture, at 48 px, 10 classes."""
+  import ml_collections
+  from vit_jax.weights import pretrained, tree
+  path = {'timm': TIMM_FILE, 'hf': shared_fixtures('hf_vit_default'),
+          'npz': str(tmp_path / 'w.npz')}[source]
+  if source == 'npz':
+    convert.save_weights(convert.load_weights(TIMM_FILE)[0], path)
+  stored, _ = convert.load_weights(path)
+  model_kwargs = models.model_kwargs(
+      'ViT-Ti/8', 10, hidden_size=48, num_layers=2, num_heads=3, mlp_dim=96,
+      gelu_approximate=False, layer_norm_eps=1e-12 if source == 'hf' else 1e-6)
+  init = models.VisionTransformer(**model_kwargs).init(
+      jax.random.key(0), jnp.zeros((1, 48, 48, 3)))['params']
+  notes = []
+  fitted = tree.flatten(pretrained.load_pretrained(
+      ml_collections.ConfigDict(dict(path=path, url=None, format='auto')),
+      jax.device_get(init), model_kwargs, log=notes.append))
+  assert any('fresh head' in note for note in notes), notes
+  np.testing.assert_array_equal(fitted['head/kernel'], init['head']['kernel'])
+  assert fitted['Transformer/posembed_input/pos_embedding'].shape == (1, 37, 48)
+  for name, value in stored.items():
+    if not name.startswith(('head/', 'Transformer/posembed_input/')):
+      np.testing.assert_array_equal(fitted[name], value, err_msg=name)
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.slow
+def test_train_py_fine_tunes_from_a_timm_safetensors_file(tmp_path):
+  workdir = str(tmp_path / 'timm_finetune')
+  args = ['--config', 'configs/quickstart.py', '--workdir', workdir, *TIMM_MODEL,
+          '--config.image_size=48', f'--config.pretrained.path={TIMM_FILE}',
+          '--config.total_steps=2', '--config.batch_size=32', '--config.schedule.warmup_steps=1',
+          '--config.log_every=1', '--config.eval_every=0', '--config.checkpoint_every=0',
+          '--config.plot_every_eval=False', '--config.optimizer.layer_decay=0.75',
+          '--config.optimizer.lr_multipliers=head=10']
+  # timm's exact GELU: left at the model's tanh default, the run stops at once, naming it.
+  refused = run_train(args)
+  assert refused.returncode == 2, refused.stderr[-2000:]
+  error = [line for line in refused.stderr.splitlines() if line.startswith('error:')]
+  assert len(error) == 1 and 'gelu_approximate=False (the model: True)' in error[0], error
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
+
+  result = run_train(args + ['--config.model.gelu_approximate=False'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'loading pretrained weights' in result.stdout
+  assert 'fresh head' in result.stdout
+  assert 'resized position embeddings (1, 17, 48) -> (1, 37, 48)' in result.stdout
+  assert [r['step'] for r in read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+          if 'train_loss' in r] == [1, 2]
+
+  from vit_jax import restore
+  _, params, config = restore(workdir)
+  assert config.optimizer.lr_multipliers == 'head=10.0'
+  assert params['head']['kernel'].shape == (48, 10)
+  timm_params, _ = convert.load_weights(TIMM_FILE)
+  # Two small steps from the timm weights (which carry N(0, 0.2) noise): still those weights.
+  for name in ('embedding/kernel', 'Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel',
+               'Transformer/encoder_norm/scale'):
+    got = params
+    for part in name.split('/'):
+      got = got[part]
+    assert np.max(np.abs(np.asarray(got) - timm_params[name])) < 0.02, name

@@ -56,6 +56,15 @@ POSEMB_KEY = npz.POSEMB_KEY
 # Options no parameter shows: an npz holds them only at the published models' values.
 NPZ_UNSTORED_DEFAULTS = dict(gelu_approximate=True, layer_norm_eps=1e-6)
 HEAD_PREFIXES = ('head/', 'head_dist/', 'pre_logits/')
+# The options a model must share with the weights it starts from, where the weights say them
+# (timm, HF, workdirs): the sizes (the shapes show them too; this names them) and what no shape
+# shows (GELU form, LayerNorm eps, pooling). The head and pre_logits are fitted instead; layer
+# scale is compared as on or off (its init value is overwritten by the stored scales).
+MATCHING_OPTIONS = (
+    'patch_size', 'hidden_size', 'num_layers', 'num_heads', 'mlp_dim', 'tokens_mlp_dim',
+    'channels_mlp_dim', 'resnet_layers', 'resnet_width', 'classifier', 'num_registers', 'posemb',
+    'gelu_approximate', 'layer_norm_eps', 'qk_norm', 'qkv_bias', 'fc_norm', 'no_embed_class',
+    'pre_norm', 'distilled', 'layer_scale_init')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,8 +474,34 @@ def fit_to_model(source, init_params, model_kwargs, source_name='checkpoint', mo
   return tree.unflatten(fitted)
 
 
+def check_options(stored_kwargs, model_kwargs, source_name='checkpoint', hint=''):
+  """UserError naming each of `MATCHING_OPTIONS` whose value in the weights' own options
+  (`load_weights(...)[1]['model_kwargs']`) differs from the model's; options either leaves out
+  are not compared."""
+  def plain(key, value):
+    if key == 'layer_scale_init':
+      return 'on' if value else 'off'
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+  mismatches = []
+  for key in MATCHING_OPTIONS:
+    if key not in stored_kwargs or key not in model_kwargs:
+      continue
+    theirs, ours = plain(key, stored_kwargs[key]), plain(key, model_kwargs[key])
+    if key == 'layer_norm_eps' and None not in (theirs, ours):
+      same = math.isclose(theirs, ours, rel_tol=1e-6)  # Written through JSON and back.
+    else:
+      same = theirs == ours
+    if not same:
+      mismatches.append(f'{key}={theirs!r} (the model: {ours!r})')
+  if mismatches:
+    raise UserError(f'{source_name} was made with ' + ', '.join(mismatches)
+                    + f'; give the model the weights\' options{hint}')
+
+
 def load_for_finetune(path, init_params, model_kwargs, format='auto', model_name=None,
-                      log=print, timm_model=None, timm_args=None, weights=None):
+                      log=print, timm_model=None, timm_args=None, weights=None,
+                      options_hint=''):
   """Reads any supported checkpoint and fits it to a model, for fine-tuning.
 
   Args:
@@ -480,15 +515,20 @@ def load_for_finetune(path, init_params, model_kwargs, format='auto', model_name
     model_name: named in error messages (e.g. 'ViT-B/16'); default: a description of the model.
     log: prints what was changed (fresh head, resized position embeddings).
     timm_model, timm_args: describe a timm state dict (see `load_weights`).
-    weights: for a workdir, 'ema' or 'params' (see `load_weights`). The model's own
-      options (GELU form, LayerNorm eps, ...) are the caller's: set them in `model_kwargs` to
-      what the checkpoint was trained with (`load_weights(...)[1]['model_kwargs']` says).
+    weights: for a workdir, 'ema' or 'params' (see `load_weights`).
+    options_hint: appended to a mismatch error (e.g. where the caller's options are set).
+
+  The model's own options (GELU form, LayerNorm eps, sizes, ...) are the caller's: where the
+  weights state theirs (timm, HF, workdirs), each of `MATCHING_OPTIONS` must agree
+  (`check_options`), else UserError names the option and both values. An npz states none.
 
   Returns:
     Nested params as numpy arrays, with `init_params`' structure and dtypes.
   """
-  source, _ = load_weights(path, format=format, timm_model=timm_model, timm_args=timm_args,
-                           log=log, weights=weights)
+  source, metadata = load_weights(path, format=format, timm_model=timm_model,
+                                  timm_args=timm_args, log=log, weights=weights)
+  if metadata.get('model_kwargs'):
+    check_options(metadata['model_kwargs'], model_kwargs, os.fspath(path), options_hint)
   return fit_to_model(source, init_params, model_kwargs, source_name=os.fspath(path),
                       model_name=model_name, log=log)
 
