@@ -199,6 +199,15 @@ def test_a_workdir_written_before_these_keys_reads_with_their_defaults():
   assert config_lib.from_workdir_record(record) == resolved()
 
 
+def test_checkpoints_written_before_per_parameter_options_still_restore():
+  """A weight-decayed run of the previous code (adamw, weight_decay 0.05): its optimizer state
+  has the structure this code builds, so it resumes."""
+  from conftest import REPO_ROOT
+  state = checkpoint.restore_train_state(
+      os.path.join(REPO_ROOT, 'tests', 'fixtures', 'v1_quickstart_workdir'), step=4)
+  assert int(state.step) == 4
+
+
 # ---------------------------------------------------------------------------------------------
 # Frozen parameters: a linear probe through the real train step.
 

@@ -202,12 +202,20 @@ def _only_trained(tree, labels):
       lambda value, label: value if label == TRAINED else optax.MaskedNode(), tree, labels)
 
 
-def _add_decayed_weights(rates):
-  """updates + rate × params, leaf by leaf (decoupled weight decay with per-leaf rates)."""
+def _weight_decay(rates):
+  """Decoupled weight decay at a rate per leaf: updates + rate × params on the kernels.
+
+  Masked by `decay_mask` as `optax.add_decayed_weights(mask=decay_mask)` is, so the optimizer
+  state has the same structure as in checkpoints written before the rates were per leaf.
+  """
+  on_kernels = jax.tree_util.tree_map(
+      lambda rate, wants: rate if wants else optax.MaskedNode(), rates, decay_mask(rates))
+
   def update(updates, state, params):
     return jax.tree_util.tree_map(
-        lambda u, rate, p: u + rate * p if rate else u, updates, rates, params), state
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+        lambda u, rate, p: u + rate * p if rate else u, updates, on_kernels, params), state
+  return optax.masked(optax.GradientTransformation(lambda params: optax.EmptyState(), update),
+                      decay_mask)
 
 
 def _scale_per_leaf(factors):
@@ -254,7 +262,7 @@ def create_optimizer(config, params):
     chain.append(optax.clip_by_global_norm(optimizer_config.grad_clip_norm))
   chain.append(_update_direction(optimizer_config))
   if settings.decay_rates is not None:
-    chain.append(_add_decayed_weights(trained_only(settings.decay_rates)))
+    chain.append(_weight_decay(trained_only(settings.decay_rates)))
   if optimizer_config.name == 'lamb':
     chain.append(optax.scale_by_trust_ratio())
   if settings.lr_factors is not None:
