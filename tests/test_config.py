@@ -52,6 +52,7 @@ def base(name):
     config.model_name = 'ViT-Ti/4'
     config.data.source = 'digits'
     config.optimizer.name = 'adamw'
+    config.optimizer.weight_decay = 0.05  # A context for optimizer.wd_multipliers.
   elif name == 'tfds_sgd':
     config.model_name = 'ViT-Ti/4'
     config.data.name = 'cifar10'
@@ -89,6 +90,8 @@ ALTERNATIVES = {
     'mesh.fsdp': [2], 'image_size': [32], 'data.host_image_size': [12],
     'aug.random_crop_pad': [3, 4], 'eval_batch_size': [16], 'batch_size': [16],
     'accum_steps': [2], 'model.num_heads': [4], 'model.hidden_size': [64],
+    'optimizer.lr_multipliers': ['head=10.0'], 'optimizer.wd_multipliers': ['head=2.0'],
+    'optimizer.frozen': ['^embedding/'], 'optimizer.trainable': ['^head/'],
 }
 
 

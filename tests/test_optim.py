@@ -65,16 +65,16 @@ NO_CLIP = dict(grad_clip_norm=0.0, weight_decay=0.0)
 ])
 def test_each_optimizer_matches_optax(optimizer, reference):
   config = resolved(optimizer=dict(NO_CLIP, **optimizer), schedule=CONSTANT_LR)
-  tx, _ = optim.create_optimizer(config)
   params = tiny_params()
+  tx, _ = optim.create_optimizer(config, params)
   assert_same_updates(updates_after(tx, params), updates_after(reference, params))
 
 
 def test_clipping_and_weight_decay_are_optax_chain_members():
   config = resolved(optimizer=dict(name='adamw', grad_clip_norm=0.5, weight_decay=0.1),
                     schedule=CONSTANT_LR)
-  tx, _ = optim.create_optimizer(config)
   params = tiny_params()
+  tx, _ = optim.create_optimizer(config, params)
   reference = optax.chain(optax.clip_by_global_norm(0.5), optax.scale_by_adam(eps=1e-8),
                           optax.add_decayed_weights(0.1, mask=optim.decay_mask),
                           optax.scale_by_learning_rate(0.1))
@@ -98,8 +98,8 @@ def test_decay_mask_picks_kernels_only():
 def test_weight_decay_moves_exactly_the_masked_leaves():
   config = resolved(optimizer=dict(name='sgd', momentum=0.0, grad_clip_norm=0.0,
                                    weight_decay=0.5), schedule=CONSTANT_LR)
-  tx, _ = optim.create_optimizer(config)
   params = tiny_params()
+  tx, _ = optim.create_optimizer(config, params)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)  # Only the decay moves anything.
   mask = optim.decay_mask(params)

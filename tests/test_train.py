@@ -149,6 +149,7 @@ def _tiny_setup(accum_steps):
   from vit_jax.train import optim
   from vit_jax.train import step
   config = config_lib.defaults()
+  config.data.source = 'digits'  # Any source that needs no name: no data is read here.
   config.total_steps = 10
   # SGD: the update is linear in the gradient, so it shows gradient differences as they are
   # (Adam's normalisation blows float noise in near-zero gradients up to the full step size).
@@ -157,8 +158,8 @@ def _tiny_setup(accum_steps):
   config.schedule.base_lr = 1e-2
   model = models.create_model('ViT-Ti/4', 10, hidden_size=16, num_layers=2, num_heads=2,
                               mlp_dim=32, dropout_rate=0.0)
-  tx, schedule = optim.create_optimizer(config_lib.resolve(config))
   params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)['params']
+  tx, schedule = optim.create_optimizer(config_lib.resolve(config), params)
   state = step.create_train_state(params, tx, ema_decay=0.0)
   settings = step.StepSettings(image_size=8, num_classes=10, seed=0, accum_steps=accum_steps)
   train_fn = jax.jit(functools.partial(step.train_step, model=model, tx=tx, schedule=schedule,

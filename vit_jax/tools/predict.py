@@ -1,6 +1,6 @@
 """Classify images with a trained or converted ViT, and show where it looked.
 
-  python -m vit_jax.tools.predict --workdir DIR IMAGE [IMAGE ...]
+  python -m vit_jax.tools.predict --workdir DIR [--weights ema|params] IMAGE [IMAGE ...]
   python -m vit_jax.tools.predict --checkpoint PATH [--model ViT-B/16] [--num_classes 1000] \
       [--image_size 224] [--class_names names.json] IMAGE [IMAGE ...]
 
@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from vit_jax.tools import visualize
+from vit_jax.train import checkpoint
 from vit_jax import errors
 from vit_jax.errors import UserError
 
@@ -83,15 +84,16 @@ def format_predictions(path, class_names, indices, probabilities):
   return '\n'.join(lines)
 
 
-def load_workdir(workdir, step=None):
-  """`(model, params, class_names, view)` from a training workdir.
+def load_workdir(workdir, step=None, weights=None):
+  """`(model, params, class_names, view)` from a training workdir: its EMA weights when the
+  run kept them, else its params (`weights='ema'|'params'` chooses; see `vit_jax.restore`).
 
   `view` holds what preparing images and reading attention need: image_size, host_image_size,
   crop_fraction, classifier, num_registers.
   """
   import vit_jax
   from vit_jax.train import workdir as workdir_lib
-  model, params, config = vit_jax.restore(workdir, step=step)
+  model, params, config = vit_jax.restore(workdir, step=step, weights=weights)
   view = dict(image_size=config.image_size,
               host_image_size=config.data.host_image_size,
               crop_fraction=config.aug.eval_crop_fraction,
@@ -101,17 +103,19 @@ def load_workdir(workdir, step=None):
 
 
 def load_checkpoint(path, model_name=None, num_classes=None, image_size=None,
-                    class_names_path=None, fmt='auto'):
+                    class_names_path=None, fmt='auto', weights=None):
   """`(model, params, class_names, view)` from converted weights (npz, HF dir, timm, workdir).
 
   The architecture is read from the weights (`vit_jax.weights.convert.infer_model_kwargs`); with
   `model_name` the model is built from that name instead (pooling and registers still from the
   weights) and the weights must fit it. `num_classes` must match the weights' head;
   `image_size` defaults to the weights' own (position embeddings are resized to any other).
+  `weights` chooses a workdir's EMA or raw params (None: its default).
   """
   from vit_jax import models
   from vit_jax.weights import convert
-  flat, metadata = convert.load_weights(path, format=fmt)
+  flat, metadata = convert.load_weights(
+      path, format=fmt, weights=weights, log=lambda note: print(note, file=sys.stderr))
   inferred = dict(metadata.get('model_kwargs') or convert.infer_model_kwargs(flat))
   head_classes = inferred.get('num_classes')
   if not head_classes:
@@ -169,6 +173,9 @@ def main(argv=None):
   source.add_argument('--image_size', type=int,
                       help='input size for --checkpoint (default: from the weights)')
   source.add_argument('--class_names', help='JSON list of class names for --checkpoint')
+  source.add_argument('--weights', choices=checkpoint.WEIGHTS,
+                      help='of a workdir: its EMA weights (the default when the run kept an '
+                           'EMA: what it evaluated) or its raw params')
   parser.add_argument('--attention_out', metavar='PNG',
                       help='write each image beside its attention rollout')
   parser.add_argument('--heads', metavar='PNG',
@@ -186,11 +193,11 @@ def predict(args):
   if bool(args.workdir) == bool(args.checkpoint):
     raise UserError('pass exactly one of --workdir DIR or --checkpoint PATH')
   if args.workdir:
-    model, params, class_names, view = load_workdir(args.workdir, args.step)
+    model, params, class_names, view = load_workdir(args.workdir, args.step, args.weights)
   else:
     model, params, class_names, view = load_checkpoint(
         args.checkpoint, args.model, args.num_classes, args.image_size, args.class_names,
-        args.format)
+        args.format, args.weights)
 
   images = prepare_images(load_images(args.images), view['image_size'],
                           view['host_image_size'], view['crop_fraction'])

@@ -30,6 +30,13 @@ def model_from_config(config, num_classes, **extra_overrides):
   return models.create_model(config.model_name, num_classes, **fields)
 
 
+def abstract_params(config, model):
+  """The shapes and dtypes of `model`'s params at `config.image_size` (nothing allocated)."""
+  images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
+  return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                        images)['params']
+
+
 def state_initializer(config, model, tx, mesh):
   """`(init_state(key), abstract_state, state_shardings)` for a model and optimizer on a mesh.
 
@@ -91,7 +98,7 @@ def parts(config, num_classes, mesh=None, **model_overrides):
   """`Parts` for `config` with a `num_classes` head; `mesh` defaults to `config.mesh`'s."""
   mesh = mesh or sharding.create_mesh(config.mesh)
   model = model_from_config(config, num_classes, **model_overrides)
-  tx, schedule = optim.create_optimizer(config)
+  tx, schedule = optim.create_optimizer(config, abstract_params(config, model))
   init_state, abstract_state, state_shardings = state_initializer(config, model, tx, mesh)
   train_fn, eval_fn = step_functions(config, model, tx, schedule, num_classes, mesh,
                                      state_shardings)

@@ -1,10 +1,13 @@
 """Orbax checkpoints in `workdir/checkpoints`, and `restore` for notebooks.
 
 A checkpoint holds two items so a notebook can read the weights without building an optimizer:
-`params`, and `train_state` (optimizer state, EMA params and the step counters). Restores always
+`params`, and `train_state` (optimizer state, EMA params and the step counters); `restore` reads
+`params`, or `train_state`'s `ema_params` alone (a partial restore). Restores always
 pass an abstract target (shapes, dtypes and shardings): without one Orbax returns plain dicts and
 the optimizer state loses its types.
 """
+
+import sys
 
 import jax
 import numpy as np
@@ -86,27 +89,39 @@ class Checkpointer:
     self._manager.close()
 
 
-def restore(workdir, step=None):
+WEIGHTS = ('ema', 'params')
+
+
+def restore(workdir, step=None, weights=None, log=None):
   """`(model, params, config)` from a training workdir: the latest step, or `step`.
 
-  Builds the model from the saved (resolved) config and reads only the params (no optimizer,
-  no data), onto the default device; works on a CPU-only machine for a checkpoint written
-  anywhere, local or `gs://`.
+  `weights`: 'ema' (the EMA of the params, which the run evaluated and logged) or 'params' (the
+  raw ones); None: 'ema' when the run had EMA (`optimizer.ema_decay > 0`), else 'params'. The
+  choice is reported through `log` (default: one line on stderr).
+
+  Builds the model from the saved (resolved) config and reads only those weights (the EMA ones
+  as a partial restore of the `train_state` item: no optimizer state, no data), onto the
+  default device; works on a CPU-only machine for a checkpoint written anywhere, local or
+  `gs://`.
   """
   from vit_jax.train import build  # Imported here: the model is needed only once there is a workdir.
-  import jax.numpy as jnp
 
   files = workdir_lib.RunFiles(workdir)
   config = files.read_config()
+  ema_decay = config.optimizer.ema_decay
+  if weights is None:
+    weights = 'ema' if ema_decay else 'params'
+  if weights not in WEIGHTS:
+    raise UserError(f'weights={weights!r} is unknown; valid: {", ".join(WEIGHTS)}')
+  if weights == 'ema' and not ema_decay:
+    raise UserError(f"weights='ema': the run in {workdir} kept no EMA "
+                    "(optimizer.ema_decay=0); use weights='params'")
   num_classes = len(files.read_class_names())
   model = build.model_from_config(config, num_classes)
-  image_shape = (1, config.image_size, config.image_size, 3)
-  abstract_params = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros(image_shape), train=False))['params']
   device_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract_params = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device_sharding),
-      abstract_params)
+      build.abstract_params(config, model))
 
   manager = ocp.CheckpointManager(files.checkpoints, item_names=('params', 'train_state'))
   steps = sorted(manager.all_steps())
@@ -116,10 +131,26 @@ def restore(workdir, step=None):
     step = steps[-1]
   elif step not in steps:
     raise UserError(f'no checkpoint at step {step} in {files.checkpoints}; steps there: {steps}')
-  restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_params)))
+  if weights == 'ema':
+    restored = manager.restore(step, args=ocp.args.Composite(train_state=ocp.args.PyTreeRestore(
+        {'ema_params': abstract_params}, partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(
+            {'ema_params': abstract_params}))))
+    params = restored['train_state']['ema_params']
+    chosen = (f"the EMA weights (optimizer.ema_decay={ema_decay}, what the run evaluated; "
+              "weights='params' for the raw ones)")
+  else:
+    params = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params)))['params']
+    chosen = ("the raw params (weights='ema' for their EMA, which the run evaluated)"
+              if ema_decay else 'the params (the run kept no EMA)')
   manager.close()
-  return model, restored['params'], config
+  (log or _to_stderr)(f'restored {chosen} of step {step} from {workdir}')
+  return model, params, config
+
+
+def _to_stderr(line):
+  print(line, file=sys.stderr)
 
 
 def restore_train_state(workdir, step=None):

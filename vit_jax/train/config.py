@@ -162,6 +162,19 @@ def defaults():
       grad_clip_norm=1.0,          # global norm; 0: off
       ema_decay=0.0,               # 0: no EMA of the params
       nan_policy='stop',           # stop | skip
+      # Fine-tuning as BEiT, MAE and DINOv2 do (vit_jax/train/optim.py). Parameters are named
+      # by regexes searched in their '/'-joined paths ('head/kernel',
+      # 'Transformer/encoderblock_3/MlpBlock_3/Dense_0/kernel', 'cls', ...); each pattern must
+      # match some parameter of the model.
+      layer_decay=1.0,             # layer-wise lr decay: encoderblock_i of L gets
+                                   # decay^(L - i), the embeddings decay^(L + 1), the head and
+                                   # final norm 1; 1: off
+      lr_multipliers='',           # 'PATTERN=X,...': the lr of matching params times X
+                                   # (e.g. 'head=10,pos_embedding=0'); several matches multiply
+      wd_multipliers='',           # 'PATTERN=X,...': the weight decay of matching kernels times X
+      frozen='',                   # PATTERN: matching params are not trained (no optimizer state)
+      trainable='',                # PATTERN: only matching params are trained ('^head/': a
+                                   # linear probe); '': all but `frozen`
   ))
   config.schedule = ml_collections.ConfigDict(dict(
       name='cosine',               # cosine | linear | rsqrt | constant
@@ -311,6 +324,18 @@ def _resolve_optimizer(config):
   if not 0.0 <= optimizer.ema_decay < 1.0:
     raise UserError(f'optimizer.ema_decay={optimizer.ema_decay} must be in [0, 1)')
   _choice('optimizer.nan_policy', optimizer.nan_policy, NAN_POLICIES)
+  if not 0.0 < optimizer.layer_decay <= 1.0:
+    raise UserError(f'optimizer.layer_decay={optimizer.layer_decay} must be in (0, 1] '
+                    '(1: off; BEiT and MAE fine-tunes use 0.65-0.75)')
+  optimizer.lr_multipliers = _canonical_multipliers('optimizer.lr_multipliers',
+                                                    optimizer.lr_multipliers)
+  optimizer.wd_multipliers = _canonical_multipliers('optimizer.wd_multipliers',
+                                                    optimizer.wd_multipliers)
+  if optimizer.wd_multipliers and not optimizer.weight_decay:
+    raise UserError(f'optimizer.wd_multipliers={optimizer.wd_multipliers!r} has no effect with '
+                    'optimizer.weight_decay=0; set a weight decay or remove it')
+  for key in ('frozen', 'trainable'):
+    _check_pattern(f'optimizer.{key}', optimizer[key])
 
   _choice('schedule.name', schedule.name, SCHEDULES)
   _positive('schedule.base_lr', schedule.base_lr, allow_zero=True)
@@ -319,6 +344,50 @@ def _resolve_optimizer(config):
                     f'[0, total_steps={config.total_steps}]')
   _only_with(schedule, 'end_lr', (schedule.name in DECAYING_SCHEDULES,
                                   f'with schedule.name={schedule.name}'), 0.0)
+
+
+def parse_multipliers(text, key='multipliers'):
+  """`'head=10,pos_embedding=0'` -> `[('head', 10.0), ('pos_embedding', 0.0)]`.
+
+  Items are split at the commas outside brackets (so a regex may hold `{1,2}` or `(a,b)`),
+  each at its last `=` (so a regex may hold `(?=...)`); '' is no items. UserError names `key`.
+  """
+  items, depth, start = [], 0, 0
+  text = text or ''
+  for index, char in enumerate(text + ','):
+    if char in '([{':
+      depth += 1
+    elif char in ')]}':
+      depth = max(depth - 1, 0)
+    elif char == ',' and depth == 0:
+      if text[start:index].strip():
+        items.append(text[start:index].strip())
+      start = index + 1
+  parsed = []
+  for item in items:
+    pattern, equals, value = item.rpartition('=')
+    try:
+      factor = float(value)
+    except ValueError:
+      factor = None
+    if not equals or not pattern.strip() or factor is None or not factor >= 0:
+      raise UserError(f'{key}: {item!r} is not PATTERN=X with X >= 0; write e.g. '
+                      "'head=10,pos_embedding=0'")
+    _check_pattern(key, pattern.strip())
+    parsed.append((pattern.strip(), factor))
+  return parsed
+
+
+def _canonical_multipliers(key, text):
+  """The multipliers in one spelling ('head=10.0,cls=0.0'), so equal settings compare equal."""
+  return ','.join(f'{pattern}={factor!r}' for pattern, factor in parse_multipliers(text, key))
+
+
+def _check_pattern(key, pattern):
+  try:
+    re.compile(pattern or '')
+  except re.error as e:
+    raise UserError(f'{key}={pattern!r} is not a regular expression ({e})') from None
 
 
 def _resolve_pretrained(pretrained):
@@ -502,6 +571,18 @@ def _migrate_v1(flat_config):
   return merged
 
 
+def _with_new_keys(stored, declared):
+  """`stored` plus the keys declared after it was written, at their defaults (which, as every
+  new key's default must, change nothing)."""
+  merged = dict(stored)
+  for key, value in declared.items():
+    if key not in merged:
+      merged[key] = value
+    elif isinstance(value, dict) and isinstance(merged[key], dict):
+      merged[key] = _with_new_keys(merged[key], value)
+  return merged
+
+
 def config_of_record(record):
   """The config part of a config.json record as it is stored (schema 1: the whole record)."""
   return record['config'] if 'schema_version' in record else record
@@ -522,7 +603,7 @@ def from_workdir_record(record, path='config.json'):
   if version == 1:
     config = _migrate_v1(record)
   else:
-    config = ml_collections.ConfigDict(record['config'])
+    config = ml_collections.ConfigDict(_with_new_keys(record['config'], defaults().to_dict()))
   # Resolved again: the keys are checked and the derived ones recomputed. The device layout is
   # checked when the run resumes, not when it is read.
   return resolve(config)

@@ -112,8 +112,10 @@ def train_step(state, batch, *, model, tx, schedule, settings):
   new_params = optax.apply_updates(state.params, updates)
   new_ema = state.ema_params
   if settings.ema_decay:
+    # Written as a step towards the params, so a param that does not move (a frozen one)
+    # keeps an EMA bit-identical to it.
     new_ema = jax.tree_util.tree_map(
-        lambda ema, p: settings.ema_decay * ema + (1.0 - settings.ema_decay) * p,
+        lambda ema, p: ema + (1.0 - settings.ema_decay) * (p - ema),
         state.ema_params, new_params)
 
   finite = jnp.isfinite(loss) & _all_finite(grads)

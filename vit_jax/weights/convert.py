@@ -4,6 +4,7 @@ train.py workdirs.
   python -m vit_jax.tools.convert ViT-B_16.npz hf_vit_b16/          # npz -> HF directory
   python -m vit_jax.tools.convert hf_vit_b16/ back.npz              # HF -> npz (timm's npz loader too)
   python -m vit_jax.tools.convert workdir/ model.npz                # a training run's latest step
+  python -m vit_jax.tools.convert workdir/ raw.npz --weights params  # its raw params, not the EMA
   python -m vit_jax.tools.convert ViT-B_16.npz hf/ --model ViT-B/16 --num_classes 10 --image_size 384
   python -m vit_jax.tools.convert model.safetensors out.npz --timm_model vit_base_patch16_224
   python -m vit_jax.tools.convert vit.pth out.npz --timm_args '{"num_heads": 6, "global_pool": "avg"}'
@@ -17,7 +18,8 @@ GELU form: `vit_jax.weights.timm` reads them from a description (a config.json o
 beside the file, `--timm_model`, `--timm_args`). With `--model`, `--num_classes` or
 `--image_size` the weights are fitted to that model first (`load_for_finetune`): checked key by
 key, a fresh head for a new class count, position embeddings resized for a new resolution.
-Nothing is written when anything fails.
+A workdir whose run kept an EMA of its params gives that EMA (what the run evaluated; the
+choice is printed), `--weights params` the raw params. Nothing is written when anything fails.
 
 In a notebook or in `train.py`:
   params, metadata = convert.load_weights('ViT-B_16.npz')
@@ -45,7 +47,7 @@ from vit_jax.models import layout
 
 READ_FORMATS = ('npz', 'hf', 'timm', 'workdir')
 WRITE_FORMATS = ('npz', 'hf', 'timm')
-READERS = {'npz': npz.read, 'hf': hf.read, 'workdir': workdir.read}  # timm: `_read_timm`.
+READERS = {'npz': npz.read, 'hf': hf.read}  # timm: `_read_timm`; workdir: `workdir.read`.
 LEGACY_TIMM_NOTE = ("note: format 'timm' now means timm's own state dicts (.safetensors); {path} "
                     "is {verb} in the published npz layout, which timm's npz loader reads: "
                     "say 'npz' to skip this note")
@@ -54,6 +56,15 @@ POSEMB_KEY = npz.POSEMB_KEY
 # Options no parameter shows: an npz holds them only at the published models' values.
 NPZ_UNSTORED_DEFAULTS = dict(gelu_approximate=True, layer_norm_eps=1e-6)
 HEAD_PREFIXES = ('head/', 'head_dist/', 'pre_logits/')
+# The options a model must share with the weights it starts from, where the weights say them
+# (timm, HF, workdirs): the sizes (the shapes show them too; this names them) and what no shape
+# shows (GELU form, LayerNorm eps, pooling). The head and pre_logits are fitted instead; layer
+# scale is compared as on or off (its init value is overwritten by the stored scales).
+MATCHING_OPTIONS = (
+    'patch_size', 'hidden_size', 'num_layers', 'num_heads', 'mlp_dim', 'tokens_mlp_dim',
+    'channels_mlp_dim', 'resnet_layers', 'resnet_width', 'classifier', 'num_registers', 'posemb',
+    'gelu_approximate', 'layer_norm_eps', 'qk_norm', 'qkv_bias', 'fc_norm', 'no_embed_class',
+    'pre_norm', 'distilled', 'layer_scale_init')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +117,8 @@ def _read_timm(path, timm_model=None, timm_args=None):
 # Reading and writing.
 
 
-def load_weights(path, format='auto', timm_model=None, timm_args=None, log=print):
+def load_weights(path, format='auto', timm_model=None, timm_args=None, log=print,
+                 weights=None):
   """Reads any supported checkpoint into the vit_jax layout, as it is (no model needed).
 
   Args:
@@ -116,7 +128,9 @@ def load_weights(path, format='auto', timm_model=None, timm_args=None, log=print
     timm_model, timm_args: for timm state dicts, the timm model name and constructor kwargs
       that describe what the file does not store (see `vit_jax.weights.timm`); a config.json or
       NAME.json beside the file describes it too.
-    log: prints notes (the old format spelling).
+    log: prints notes (the old format spelling, which weights of a workdir were read).
+    weights: for workdirs, 'ema' or 'params' (None: 'ema' when the run kept an EMA, else
+      'params'; see `vit_jax.restore`); for other formats it must be None.
 
   Returns:
     (params, metadata): params a flat `{'Transformer/encoderblock_0/...': np.ndarray}` (per
@@ -127,10 +141,15 @@ def load_weights(path, format='auto', timm_model=None, timm_args=None, log=print
   format = _check_format(format, READ_FORMATS, path, writing=False, log=log)
   if not os.path.exists(path):
     raise UserError(f'no such file or directory: {path}')
+  if weights is not None and format != 'workdir':
+    raise UserError(f"weights={weights!r} chooses between a train.py workdir's EMA and raw "
+                    f'params; {path} is {format}')
   if format == 'timm':
     return _read_timm(path, timm_model=timm_model, timm_args=timm_args)
   if timm_model or timm_args:
     raise UserError(f'timm_model / timm_args describe timm state dicts; {path} is {format}')
+  if format == 'workdir':
+    return workdir.read(path, weights=weights, log=log)
   return READERS[format](path)
 
 
@@ -455,8 +474,34 @@ def fit_to_model(source, init_params, model_kwargs, source_name='checkpoint', mo
   return tree.unflatten(fitted)
 
 
+def check_options(stored_kwargs, model_kwargs, source_name='checkpoint', hint=''):
+  """UserError naming each of `MATCHING_OPTIONS` whose value in the weights' own options
+  (`load_weights(...)[1]['model_kwargs']`) differs from the model's; options either leaves out
+  are not compared."""
+  def plain(key, value):
+    if key == 'layer_scale_init':
+      return 'on' if value else 'off'
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+  mismatches = []
+  for key in MATCHING_OPTIONS:
+    if key not in stored_kwargs or key not in model_kwargs:
+      continue
+    theirs, ours = plain(key, stored_kwargs[key]), plain(key, model_kwargs[key])
+    if key == 'layer_norm_eps' and None not in (theirs, ours):
+      same = math.isclose(theirs, ours, rel_tol=1e-6)  # Written through JSON and back.
+    else:
+      same = theirs == ours
+    if not same:
+      mismatches.append(f'{key}={theirs!r} (the model: {ours!r})')
+  if mismatches:
+    raise UserError(f'{source_name} was made with ' + ', '.join(mismatches)
+                    + f'; give the model the weights\' options{hint}')
+
+
 def load_for_finetune(path, init_params, model_kwargs, format='auto', model_name=None,
-                      log=print, timm_model=None, timm_args=None):
+                      log=print, timm_model=None, timm_args=None, weights=None,
+                      options_hint=''):
   """Reads any supported checkpoint and fits it to a model, for fine-tuning.
 
   Args:
@@ -469,15 +514,21 @@ def load_for_finetune(path, init_params, model_kwargs, format='auto', model_name
     format: 'auto' or one of READ_FORMATS.
     model_name: named in error messages (e.g. 'ViT-B/16'); default: a description of the model.
     log: prints what was changed (fresh head, resized position embeddings).
-    timm_model, timm_args: describe a timm state dict (see `load_weights`). The model's own
-      options (GELU form, LayerNorm eps, ...) are the caller's: set them in `model_kwargs` to
-      what the checkpoint was trained with (`load_weights(...)[1]['model_kwargs']` says).
+    timm_model, timm_args: describe a timm state dict (see `load_weights`).
+    weights: for a workdir, 'ema' or 'params' (see `load_weights`).
+    options_hint: appended to a mismatch error (e.g. where the caller's options are set).
+
+  The model's own options (GELU form, LayerNorm eps, sizes, ...) are the caller's: where the
+  weights state theirs (timm, HF, workdirs), each of `MATCHING_OPTIONS` must agree
+  (`check_options`), else UserError names the option and both values. An npz states none.
 
   Returns:
     Nested params as numpy arrays, with `init_params`' structure and dtypes.
   """
-  source, _ = load_weights(path, format=format, timm_model=timm_model, timm_args=timm_args,
-                           log=log)
+  source, metadata = load_weights(path, format=format, timm_model=timm_model,
+                                  timm_args=timm_args, log=log, weights=weights)
+  if metadata.get('model_kwargs'):
+    check_options(metadata['model_kwargs'], model_kwargs, os.fspath(path), options_hint)
   return fit_to_model(source, init_params, model_kwargs, source_name=os.fspath(path),
                       model_name=model_name, log=log)
 
@@ -499,10 +550,10 @@ def _init_params(model_kwargs, image_size, abstract, seed=0):
 
 
 def convert(src, dst, src_format='auto', dst_format='auto', model_name=None, num_classes=None,
-            image_size=None, log=print, timm_model=None, timm_args=None):
+            image_size=None, log=print, timm_model=None, timm_args=None, weights=None):
   """Converts `src` to `dst`, optionally fitted to a model first; see the module docstring."""
   source, metadata = load_weights(src, format=src_format, timm_model=timm_model,
-                                  timm_args=timm_args, log=log)
+                                  timm_args=timm_args, log=log, weights=weights)
   model_kwargs = dict(metadata.get('model_kwargs') or infer_model_kwargs(source))
   source_size = metadata.get('image_size') or infer_image_size(source, model_kwargs)
   class_names = metadata.get('class_names')
@@ -575,11 +626,15 @@ def main(argv=None):
                                            "e.g. 'vit_base_patch16_224'")
   parser.add_argument('--timm_args', help='its timm constructor kwargs as JSON (or a .json file),'
                                           ' e.g. \'{"num_heads": 6, "global_pool": "avg"}\'')
+  parser.add_argument('--weights', choices=workdir.WEIGHTS,
+                      help='of a workdir: its EMA weights or its raw params (default: ema when '
+                           'the run kept an EMA)')
   args = parser.parse_args(argv)
   try:
     convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format,
             model_name=args.model, num_classes=args.num_classes, image_size=args.image_size,
-            timm_model=args.timm_model, timm_args=parse_timm_args(args.timm_args))
+            timm_model=args.timm_model, timm_args=parse_timm_args(args.timm_args),
+            weights=args.weights)
   except errors.REPORTED as e:
     return errors.report(e)
   return 0

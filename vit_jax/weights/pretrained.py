@@ -9,6 +9,10 @@ from vit_jax.errors import UserError
 def load_pretrained(pretrained, init_params, model_kwargs, log=print):
   """The params of `pretrained.path` fitted to a model: head re-initialised, posemb resized.
 
+  Any format `vit_jax.weights.convert` reads (`.npz`, a timm `.safetensors` with its description
+  beside it, an HF folder, a workdir: its EMA weights when it kept them). Where the file states
+  its model options (timm, HF, workdirs), the config's model must have the same ones.
+
   Args:
     pretrained: the resolved `config.pretrained` (path, url, format).
     init_params: the freshly initialised params of the model (numpy), whose head and shapes
@@ -24,7 +28,8 @@ def load_pretrained(pretrained, init_params, model_kwargs, log=print):
     else:
       raise UserError(f'pretrained checkpoint {path} does not exist')
   log(f'loading pretrained weights from {path}')
-  return convert.load_for_finetune(path, init_params, model_kwargs, format=pretrained.format)
+  return convert.load_for_finetune(path, init_params, model_kwargs, format=pretrained.format,
+                                   log=log, options_hint=' (config.model.<option>)')
 
 
 def download(url, path, log=print, timeout_s=10):

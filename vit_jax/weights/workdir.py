@@ -3,7 +3,8 @@ checkpoints under `checkpoints/<step>/`. Read only: a workdir is made by trainin
 
 The path may be the workdir (its latest step), its `checkpoints` folder, or one step's folder
 (`workdir/checkpoints/1000`). Reading goes through `vit_jax.train.checkpoint.restore`, so the model is
-rebuilt from the saved config and only the params are read.
+rebuilt from the saved config and only the weights are read: the EMA of the params when the run
+kept one (what it evaluated), else the params; `weights='ema'|'params'` chooses.
 """
 
 import dataclasses
@@ -13,6 +14,8 @@ from vit_jax.train import checkpoint
 from vit_jax.train import workdir as workdir_lib
 from vit_jax.errors import UserError
 from vit_jax.weights import tree
+
+WEIGHTS = checkpoint.WEIGHTS  # 'ema', 'params'
 
 
 def locate(path):
@@ -32,8 +35,13 @@ def locate(path):
   return None
 
 
-def read(path):
-  """Reads the params of a workdir's checkpoint.
+def read(path, weights=None, log=None):
+  """Reads the weights of a workdir's checkpoint.
+
+  Args:
+    path: the workdir, its checkpoints folder or one step's folder.
+    weights: 'ema', 'params', or None: 'ema' when the run kept an EMA, else 'params'.
+    log: where the choice is reported (default: stderr).
 
   Returns:
     (params, metadata): params a flat `{'a/b': np.ndarray}`; metadata has `format`,
@@ -45,7 +53,7 @@ def read(path):
     raise UserError(f'{path} is not a train.py workdir (no config.json and {subdir}/ in it, '
                     'nor above a step folder)')
   workdir, step = found
-  model, params, config = checkpoint.restore(workdir, step=step)
+  model, params, config = checkpoint.restore(workdir, step=step, weights=weights, log=log)
   model_kwargs = {field.name: getattr(model, field.name) for field in dataclasses.fields(model)
                   if field.name not in ('parent', 'name')}
   try:
