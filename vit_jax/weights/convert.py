@@ -51,6 +51,8 @@ def detect_format(path, writing=False):
   valid = WRITE_FORMATS if writing else READ_FORMATS
   if path.endswith('.npz'):
     return 'npz'
+  if '://' in path and not writing and workdir.locate(path):
+    return 'workdir'  # A training run in a bucket (gs://).
   if not writing and not os.path.exists(path):
     raise UserError(f'no such file or directory: {path}')
   if os.path.isdir(path):
