@@ -82,8 +82,15 @@ def main(argv):
   cli.apply_xla_flags(config)  # Before anything starts the backend, which reads them once.
   initialize_distributed()
   from vit_jax.train import loop  # Imported after flag parsing: a typo should fail in a second.
-  loop.train_and_evaluate(config, workdir, stop_at_step=_STOP_AT_STEP.value,
-                          allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  from vit_jax.train import storage
+  try:
+    loop.train_and_evaluate(config, workdir, stop_at_step=_STOP_AT_STEP.value,
+                            allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  except Exception as e:  # pylint: disable=broad-except
+    if isinstance(e, errors.REPORTED) or not storage.is_fault(e):
+      raise
+    # A disk or storage fault the loop did not name more precisely: still one line.
+    raise errors.EnvironmentFault(f'workdir {workdir}: {storage.describe(e)}') from None
 
 
 def run(argv=None):
