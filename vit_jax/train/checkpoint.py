@@ -80,22 +80,25 @@ class Checkpointer:
     if fault is None:
       return error
     storage.quiet_abandoned_writers()
-    newest = self.newest_complete()
-    survived = (f'the newest complete checkpoint, step {newest}, is untouched and the same '
-                'command resumes from it once that is fixed' if newest is not None
-                else 'there is no earlier checkpoint')
+    survived = self._survivor()
     return SaveFailed(f'cannot save the checkpoint at step {step} in {self.directory} '
                       f'({storage.describe(fault)}); {survived}')
+
+  def _survivor(self, where=''):
+    """What survived, for a one-line report of a fault."""
+    newest = self.newest_complete()
+    if newest is None:
+      return f'no checkpoint{where} had been completed yet'
+    return (f'the newest complete checkpoint{where}, step {newest}, is untouched: rerun the '
+            'same command to resume from it')
 
   def with_survivor(self, fault):
     """`fault` (a storage fault elsewhere in the run) with what survived of the run added."""
     if isinstance(fault, SaveFailed):
       return fault
-    newest = self.newest_complete()
-    if newest is None:
-      return EnvironmentFault(f'{fault}; no checkpoint had been saved yet')
-    return EnvironmentFault(f'{fault}; the newest complete checkpoint, step {newest} in '
-                            f'{self.directory}, is untouched: rerun the same command to resume')
+    pending = (f'the save at step {self._pending} did not complete; '
+               if self._pending is not None else '')
+    return EnvironmentFault(f'{fault}; {pending}{self._survivor(f" in {self.directory}")}')
 
   def _finish_pending(self):
     if self._pending is None:
@@ -158,10 +161,11 @@ class Checkpointer:
     return None, None
 
   def abandon(self):
-    """After a fault: lets a save in flight end (or fail) without reporting it, and closes."""
+    """After a storage fault: nothing more is waited for (a save in flight on a storage that
+    stopped answering can hang for minutes in Orbax's threads) or reported."""
     self._pending = None
+    self._closed = True
     storage.quiet_abandoned_writers()
-    self.close(quiet=True)
 
   def close(self, quiet=False):
     if self._closed:

@@ -139,11 +139,13 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
     return final_metrics
   except EnvironmentFault as fault:
     # Nothing more is sent to a storage that failed; the message says what survived.
+    fault = checkpointer.with_survivor(fault)
     writer.close(discard=True)
     checkpointer.abandon()
-    raise checkpointer.with_survivor(fault) from None
+    raise fault from None
   except BaseException:
-    _close_quietly(writer.close, checkpointer.abandon)  # The first error is the one reported.
+    # A save in flight may end; the first error is the one reported.
+    _close_quietly(writer.close, lambda: checkpointer.close(quiet=True))
     raise
   finally:
     stop_request.uninstall()

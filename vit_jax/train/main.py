@@ -94,8 +94,18 @@ def main(argv):
 
 
 def run(argv=None):
-  """`main` as a command: its exit status (see vit_jax.errors)."""
-  return errors.exit_status_of(main, sys.argv if argv is None else argv)
+  """`main` as a command: its exit status (see vit_jax.errors).
+
+  After a storage fault the process ends at once: the threads of a storage that stopped
+  answering (Orbax's async writers, retrying) would otherwise hold the interpreter's exit for
+  minutes. The fault is reported, and the newest complete checkpoint is safe.
+  """
+  status = errors.exit_status_of(main, sys.argv if argv is None else argv)
+  if status == errors.ENVIRONMENT_FAULT_STATUS:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access
+  return status
 
 
 if __name__ == '__main__':
