@@ -90,8 +90,18 @@ class Datasets:
     dataset = dataset.batch(self.local_batch_size, drop_remainder=True)
     if self.prefetch_batches:  # 0: nothing in flight, anywhere.
       dataset = dataset.prefetch(self.prefetch_batches)
-    for images, labels in dataset.as_numpy_iterator():
+    for images, labels in self._read(dataset, self.train_source):
       yield {'images': images, 'labels': labels.astype(np.int32)}
+
+  @staticmethod
+  def _read(dataset, source):
+    """Iterates `dataset`; a tfds shard that fails to read is one line naming it."""
+    try:
+      yield from dataset.as_numpy_iterator()
+    except tf.errors.OpError as e:
+      if not isinstance(source, tfds_source.Stream):
+        raise
+      raise source.read_fault(e) from None
 
   def _table_train_examples(self, start_step):
     """tf.data of (payload, label, global position) for an in-memory train split."""
@@ -103,7 +113,8 @@ class Datasets:
     def batches():
       for step in itertools.count(start_step):
         rows = index.rows(step)
-        yield source.payload(rows), source.labels[rows], index.global_positions(step)
+        payloads, labels = source.rows(rows, keep_count=True)
+        yield payloads, labels, index.global_positions(step)
 
     signature = (source.payload_spec(), tf.TensorSpec((None,), tf.int32),
                  tf.TensorSpec((None,), tf.int64))
@@ -126,7 +137,7 @@ class Datasets:
       rows, num_batches = table_lib.eval_rows(
           source, batch, self.process_index, self.process_count)
       dataset = tf.data.Dataset.from_generator(
-          lambda: ((source.payload(rows[i:i + batch]), source.labels[rows[i:i + batch]])
+          lambda: (source.rows(rows[i:i + batch], keep_count=False)
                    for i in range(0, len(rows), batch)),
           output_signature=(source.payload_spec(), tf.TensorSpec((None,), tf.int32)))
       dataset = dataset.unbatch()
@@ -140,7 +151,7 @@ class Datasets:
 
     size = self.host_image_size
     yielded = 0
-    for images, labels in dataset.as_numpy_iterator():
+    for images, labels in self._read(dataset, source):
       if yielded == num_batches:
         break
       yield _pad_batch(images, labels, batch)

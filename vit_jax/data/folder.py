@@ -3,7 +3,9 @@
 Class names are the sorted class folder names of the train split (the eval split may lack some
 but not add any). Every file is decoded once at start, in threads, so that a corrupt file is
 found, warned about and counted before training instead of crashing the pipeline mid-run; this
-costs about one decode per image (roughly a minute per 100k small JPEGs on a few cores).
+costs about one decode per image (roughly a minute per 100k small JPEGs on a few cores). A file
+that vanishes or turns unreadable later, during training, is skipped, warned about and counted
+too (`vit_jax.data.table.Table.rows`).
 """
 
 import concurrent.futures

@@ -8,14 +8,17 @@ processes' batches are disjoint and together form the single-process batch, and 
 skipped over on resume.
 """
 
+import concurrent.futures
 import dataclasses
 import functools
+import logging
 from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
 from vit_jax.data import augment
+from vit_jax.errors import EnvironmentFault
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,13 +35,45 @@ class Table:
   def __len__(self):
     return len(self.labels)
 
+  # The files of a paths table that could not be read during training (see `rows`).
+  unreadable: set = dataclasses.field(default_factory=set, compare=False)
+
   def payload(self, indices):
     """The image part of the rows `indices`, as the tf.data generator yields it."""
+    return self.rows(indices, keep_count=True)[0]
+
+  def rows(self, indices, keep_count):
+    """(payloads, labels) of the rows `indices`, as the tf.data generators yield them.
+
+    The files of a paths table are read here, in threads, rather than inside tf.data, so that
+    a file that vanished or turned unreadable since the start is skipped with a warning and
+    counted instead of stopping the run. With `keep_count` (train batches, whose size and
+    stream positions are fixed) its row is replaced by another row of the same batch that
+    reads; otherwise (eval) it is left out.
+    """
+    labels = self.labels[indices]
     if self.pixels is not None:
-      return self.pixels[indices]
+      return self.pixels[indices], labels
     if self.encoded is not None:
-      return self.encoded[indices]
-    return self.paths[indices]
+      return self.encoded[indices], labels
+    paths = self.paths[indices]
+    contents = list(_READERS.map(_read_or_error, paths))
+    readable = [i for i, content in enumerate(contents) if not isinstance(content, OSError)]
+    for path, content in zip(paths, contents):
+      if isinstance(content, OSError) and path not in self.unreadable:
+        self.unreadable.add(path)
+        logging.warning('skipping image file %s, which can no longer be read (%s); %d such '
+                        'files so far', path, content.strerror or content, len(self.unreadable))
+    if not readable:
+      raise EnvironmentFault(f'none of the {len(paths)} image files of a batch can be read '
+                             f'(e.g. {paths[0]}: {contents[0].strerror or contents[0]})')
+    if len(readable) < len(paths):
+      keep = (np.array([i if i in readable else readable[i % len(readable)]
+                        for i in range(len(paths))]) if keep_count else np.array(readable))
+      contents, labels = [contents[i] for i in keep], labels[keep]
+    encoded = np.empty((len(contents),), object)
+    encoded[:] = contents
+    return encoded, labels
 
   def payload_spec(self):
     """tf.TensorSpec of a batch of payloads."""
@@ -50,9 +85,18 @@ class Table:
     """One payload -> uint8 (H, W, 3) (inside tf.data)."""
     if self.pixels is not None:
       return payload
-    if self.encoded is not None:
-      return augment.decode(payload)
-    return augment.decode(tf.io.read_file(payload))
+    return augment.decode(payload)  # encoded bytes, read from memory or from the file
+
+
+_READERS = concurrent.futures.ThreadPoolExecutor(8)  # file reads release the GIL
+
+
+def _read_or_error(path):
+  try:
+    with open(path, 'rb') as f:
+      return f.read()
+  except OSError as e:
+    return e
 
 
 class StreamIndex:

@@ -11,7 +11,9 @@ in-memory sources; without it, examples stream through a seeded tf.data shuffle 
 import dataclasses
 import difflib
 import os
+import re
 import socket
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -19,7 +21,7 @@ import tensorflow_datasets as tfds
 
 from vit_jax.data import augment
 from vit_jax.data import table as table_lib
-from vit_jax.errors import UserError
+from vit_jax.errors import EnvironmentFault, UserError
 
 TFDS_STORAGE_ADDRESS = ('storage.googleapis.com', 443)  # where tfds downloads from
 
@@ -76,6 +78,28 @@ class Stream:
 
     return dataset.map(with_position)
 
+  def read_fault(self, error):
+    """The one-line EnvironmentFault for a tf.data error while reading this split, naming the
+    shard: TensorFlow names a missing or unreadable file itself; for a corrupt record it does
+    not, and the split's shards are checked one by one (for at most SHARD_CHECK_S) to find it."""
+    detail = re.sub(r'\{\{.*?\}\}|\[Op:\w+\].*', '', str(error)).strip().splitlines()
+    detail = detail[0] if detail else type(error).__name__
+    named = re.search(r'(\S*tfrecord\S*?)[;:,]?(\s|$)', detail)
+    shard = named.group(1) if named else _corrupt_shard(self._files())
+    where = (f'shard {shard}' if shard else
+             f'one of the {len(self._files())} shards in {self.builder.data_dir}')
+    return EnvironmentFault(
+        f'cannot read tfds data set {self.builder.name!r} split {self.split!r}: {where} '
+        f'({detail}); re-prepare it (`tfds build {self.builder.name} '
+        f'--data_dir={self.builder.data_dir_root}`) or restore the file')
+
+  def _files(self):
+    base = self.split.split('[')[0]
+    try:
+      return [os.fspath(f) for f in self.builder.info.splits[base].filepaths]
+    except Exception:  # pylint: disable=broad-except  # no split metadata (mock data)
+      return []
+
   def eval_examples(self, process_index, process_count):
     del process_count  # fixed when the stream was built
     return self._shard(process_index)
@@ -83,6 +107,23 @@ class Stream:
   def num_eval_batches(self, local_batch, process_count):
     largest_shard = -(-self.num_examples // process_count)
     return -(-largest_shard // local_batch)
+
+
+SHARD_CHECK_S = 30
+
+
+def _corrupt_shard(paths):
+  """The first of `paths` whose records do not all read, within SHARD_CHECK_S; else None."""
+  deadline = time.monotonic() + SHARD_CHECK_S
+  for path in paths:
+    if time.monotonic() > deadline:
+      return None
+    try:
+      for _ in tf.data.TFRecordDataset(path).as_numpy_iterator():
+        pass
+    except tf.errors.OpError:
+      return path
+  return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,9 @@ A sweep file is plain Python, like a config:
 
     python -m vit_jax.tools.sweep configs/sweeps/quickstart_lr_wd.py [--config.total_steps=5 ...]
         runs the points one after another, each in its own workdir under
-        workdirs/sweeps/<sweep name>/ (--workdir_root), skipping points already finished;
+        workdirs/sweeps/<sweep name>/ (--workdir_root, local or gs://), skipping points already
+        finished and points that diverged (exit status 3: rerun as they are, they diverge
+        again; delete their diverged.json to retry them);
     python -m vit_jax.tools.sweep configs/sweeps/quickstart_lr_wd.py --print
         prints the commands instead, one a line, for a TPU VM or a job scheduler;
     python -m vit_jax.tools.sweep summarize workdirs/sweeps/quickstart_lr_wd
@@ -41,10 +43,10 @@ import sys
 from vit_jax import errors
 from vit_jax.train import cli
 from vit_jax.train import config as config_lib
+from vit_jax.train import workdir as workdir_lib
 from vit_jax.errors import UserError
 
 DEFAULT_WORKDIR_ROOT = 'workdirs/sweeps'
-FINISHED_MARKER = 'final_metrics.json'  # train.py writes it when a run has ended.
 _MAX_NAME_CHARS = 120
 
 
@@ -235,26 +237,27 @@ def sweep_commands(sweep, workdir_root, extra_args=(), python='python3', train_s
   return commands
 
 
-def _exists(path):
-  if path.startswith('gs://'):
-    import tensorflow as tf  # Only for cloud workdirs; heavy to import.
-    return tf.io.gfile.exists(path)
-  return os.path.exists(path)
-
-
 def run_sweep(commands, keep_going=False, out=sys.stdout):
-  """Runs the commands one after another, skipping those whose workdir holds final metrics.
+  """Runs the commands one after another, skipping those whose workdir holds final metrics or
+  says the point diverged (a point that exits with the Diverged status is marked so).
 
   Returns the names of the points that failed (empty when all finished).
   """
   failed = []
   for i, (name, workdir, argv) in enumerate(commands):
     prefix = f'[{i + 1}/{len(commands)}] {name}'
-    if _exists(posixpath.join(workdir, FINISHED_MARKER)):
+    files = workdir_lib.RunFiles(workdir)
+    if files.is_finished():
       print(f'{prefix}: finished already, skipping', file=out, flush=True)
+      continue
+    if files.diverged_json.exists():
+      print(f'{prefix}: diverged before, not retried (delete {files.diverged_json} to retry)',
+            file=out, flush=True)
       continue
     print(f'{prefix}: {shlex.join(argv)}', file=out, flush=True)
     returncode = subprocess.run(argv, check=False).returncode
+    if returncode == errors.DIVERGED_STATUS:
+      files.write_json(files.diverged_json, {'exit_status': returncode})
     if returncode != 0:
       print(f'{prefix}: failed with exit code {returncode}', file=out, flush=True)
       failed.append(name)
@@ -276,29 +279,29 @@ def _flatten(tree, prefix=''):
 
 
 def _read_json(path):
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def _last_metrics(path):
   """The latest value of every metric in a metrics.jsonl (for runs that have not finished)."""
   latest = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          latest.update(json.loads(line))
-        except ValueError:
-          continue  # A blank line, or the last line of a running job cut off mid-write.
+  if path.exists():
+    for line in path.read_text().splitlines():
+      try:
+        latest.update(json.loads(line))
+      except ValueError:
+        continue  # A blank line, or the last line of a running job cut off mid-write.
   return latest
 
 
 def find_runs(sweep_dir):
-  """The run folders directly under `sweep_dir` (those holding config.json), sorted by name."""
-  if not os.path.isdir(sweep_dir):
+  """The run folders directly under `sweep_dir` (local or gs://; those holding config.json),
+  sorted by name."""
+  root = workdir_lib.as_path(sweep_dir)
+  if not root.is_dir():
     raise UserError(f'{sweep_dir!r} is not a folder; give the root of a sweep\'s workdirs')
-  runs = sorted(os.path.join(sweep_dir, d) for d in os.listdir(sweep_dir)
-                if os.path.isfile(os.path.join(sweep_dir, d, 'config.json')))
+  runs = sorted(os.fspath(d) for d in root.iterdir()
+                if workdir_lib.RunFiles(d).config_json.exists())
   if not runs:
     raise UserError(f'no runs in {sweep_dir!r}: no sub-folder holds a config.json')
   return runs
@@ -306,8 +309,9 @@ def find_runs(sweep_dir):
 
 def summary_table(run_dirs):
   """(header, rows): run name, the config keys that differ between runs, status, final metrics."""
-  configs = [_flatten(config_lib.config_of_record(_read_json(os.path.join(d, 'config.json'))))
-             for d in run_dirs]
+  run_files = [workdir_lib.RunFiles(d) for d in run_dirs]
+  configs = [_flatten(config_lib.config_of_record(_read_json(files.config_json)))
+             for files in run_files]
   all_keys = sorted({k for c in configs for k in c})
   _missing = object()
   varied = [k for k in all_keys
@@ -315,15 +319,16 @@ def summary_table(run_dirs):
                     for c in configs}) > 1]
   results = []  # (status, {metric: latest value}); final metrics override the last logged ones.
   final_keys = set()
-  for d in run_dirs:
-    metrics = _last_metrics(os.path.join(d, 'metrics.jsonl'))
-    final_path = os.path.join(d, FINISHED_MARKER)
-    finished = os.path.exists(final_path)
+  for files in run_files:
+    metrics = _last_metrics(files.metrics_jsonl)
+    finished = files.is_finished()
     if finished:
-      final = _read_json(final_path)
+      final = _read_json(files.final_metrics_json)
       final_keys |= set(final)
       metrics.update(final)
-    results.append(('finished' if finished else 'unfinished', metrics))
+    status = ('finished' if finished else 'diverged' if files.diverged_json.exists()
+              else 'unfinished')
+    results.append((status, metrics))
   # The final (eval) metrics and the last train loss; the logged rest (img/s, learning rate,
   # ...) only while no run has finished.
   logged = {k for _, m in results for k in m}
@@ -332,7 +337,7 @@ def summary_table(run_dirs):
   header = ['run'] + varied + ['status', 'step'] + metric_keys
   rows = []
   for d, config, (status, metrics) in zip(run_dirs, configs, results):
-    rows.append([os.path.basename(d)] + [config.get(k) for k in varied]
+    rows.append([posixpath.basename(d)] + [config.get(k) for k in varied]
                 + [status, metrics.get('step')] + [metrics.get(k) for k in metric_keys])
   return header, rows
 
@@ -363,13 +368,12 @@ def summarize(sweep_dir, plot=True):
   """Writes summary.md, summary.csv (and curves.png) into `sweep_dir`; returns (header, rows)."""
   run_dirs = find_runs(sweep_dir)
   header, rows = summary_table(run_dirs)
-  with open(os.path.join(sweep_dir, 'summary.md'), 'w') as f:
-    f.write(to_markdown(header, rows))
-  with open(os.path.join(sweep_dir, 'summary.csv'), 'w') as f:
-    f.write(to_csv(header, rows))
+  files = workdir_lib.RunFiles(sweep_dir)
+  files.write_bytes(files.root / 'summary.md', to_markdown(header, rows).encode())
+  files.write_bytes(files.root / 'summary.csv', to_csv(header, rows).encode())
   if plot:
     from vit_jax.train import curves as plot_lib  # matplotlib is slow to import; only when plotting.
-    plot_lib.plot_workdirs(run_dirs, os.path.join(sweep_dir, 'curves.png'))
+    plot_lib.plot_workdirs(run_dirs, os.fspath(files.root / 'curves.png'))
   return header, rows
 
 
@@ -387,7 +391,7 @@ def _summarize_main(argv):
   header, rows = summarize(args.sweep_dir, plot=not args.no_plot)
   print(to_markdown(header, rows) if args.format == 'markdown' else to_csv(header, rows), end='')
   written = ['summary.md', 'summary.csv'] + ([] if args.no_plot else ['curves.png'])
-  print(f'\nwrote {", ".join(os.path.join(args.sweep_dir, w) for w in written)}',
+  print(f'\nwrote {", ".join(posixpath.join(args.sweep_dir, w) for w in written)}',
         file=sys.stderr)
   return 0
 

@@ -7,13 +7,15 @@ pass an abstract target (shapes, dtypes and shardings): without one Orbax return
 the optimizer state loses its types.
 """
 
+import logging
 import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vit_jax.errors import UserError
+from vit_jax.errors import EnvironmentFault, UserError
+from vit_jax.train import storage
 from vit_jax.train import workdir as workdir_lib
 
 
@@ -30,33 +32,105 @@ def _train_state_item(state):
   return item
 
 
+class SaveFailed(EnvironmentFault):
+  """A checkpoint could not be written; the message names the step and what survived."""
+
+
 class Checkpointer:
-  """Async saves every so often, keep-N, and restore of the newest checkpoint that reads."""
+  """Async saves every so often, keep-N, and restore of the newest checkpoint that reads.
+
+  A save that fails (a full disk, a read-only file system, a network error) raises SaveFailed
+  naming the step, the cause and the newest complete checkpoint, which is untouched: Orbax
+  writes a step into a temporary folder (renamed when complete) or, in a bucket, marks it
+  complete with a commit file last, and the half-written one is removed when the workdir is
+  opened again (`cleanup_tmp_directories`).
+  """
 
   def __init__(self, directory, keep=3, async_save=True):
     """`directory`: the workdir's checkpoints folder (`RunFiles.checkpoints`), an epath."""
     self.directory = directory
+    # Directories are made in `save` itself, so a storage that fails there fails the call
+    # (made in the background, a failure leaves Orbax's writer threads waiting 20 minutes).
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=('params', 'train_state'))
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+    _quiet_orbax_errors()
+    storage.quiet_failed_writes()
+    try:
+      self._manager = ocp.CheckpointManager(
+          self.directory, options=options, item_names=('params', 'train_state'))
+      self._complete = set(self._manager.all_steps())
+    except Exception as e:  # pylint: disable=broad-except
+      if not storage.is_fault(e):
+        raise
+      raise EnvironmentFault(f'cannot open the checkpoints in {self.directory} '
+                             f'({storage.describe(e)})') from None
+    self._pending = None  # the step of a save started and not yet known to be complete
+    self._closed = False
 
   def steps(self):
     """The steps of the checkpoints on disk, oldest first."""
     return sorted(self._manager.all_steps())
 
+  def newest_complete(self):
+    """The newest step known complete, without asking the storage (it may be failing)."""
+    return max(self._complete, default=None)
+
+  def _failed(self, step, error):
+    fault = storage.find_fault(error)
+    if fault is None:
+      return error
+    storage.quiet_abandoned_writers()
+    survived = self._survivor()
+    return SaveFailed(f'cannot save the checkpoint at step {step} in {self.directory} '
+                      f'({storage.describe(fault)}); {survived}')
+
+  def _survivor(self, where=''):
+    """What survived, for a one-line report of a fault."""
+    newest = self.newest_complete()
+    if newest is None:
+      return f'no checkpoint{where} had been completed yet'
+    return (f'the newest complete checkpoint{where}, step {newest}, is untouched: rerun the '
+            'same command to resume from it')
+
+  def with_survivor(self, fault):
+    """`fault` (a storage fault elsewhere in the run) with what survived of the run added."""
+    if isinstance(fault, SaveFailed):
+      return fault
+    pending = (f'the save at step {self._pending} did not complete; '
+               if self._pending is not None else '')
+    return EnvironmentFault(f'{fault}; {pending}{self._survivor(f" in {self.directory}")}')
+
+  def _finish_pending(self):
+    if self._pending is None:
+      return
+    step, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(step, e) from None
+    self._complete.add(step)
+
   def save(self, state, force=False):
     """Starts an (async) save of `state` at its step; returns whether one was started."""
     step = int(jax.device_get(state.step))
-    if step in self._manager.all_steps():
+    self._finish_pending()  # Orbax waits for the previous save too: its error is its own.
+    if step in self._complete:
       return False
-    return self._manager.save(step, force=force, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
-        train_state=ocp.args.StandardSave(_train_state_item(state))))
+    try:
+      started = self._manager.save(step, force=force, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(state.params),
+          train_state=ocp.args.StandardSave(_train_state_item(state))))
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(step, e) from None
+    if started:
+      self._pending = step
+    return started
 
   def wait(self):
     """Blocks until every async save has been committed to disk."""
-    self._manager.wait_until_finished()
+    self._finish_pending()
 
   def restore(self, step, abstract_state):
     """Restores the checkpoint at `step` into the structure (and shardings) of `abstract_state`."""
@@ -73,20 +147,52 @@ class Checkpointer:
     """Restores the newest checkpoint that reads into the structure of `abstract_state`.
 
     A checkpoint that fails to read (a truncated or corrupt file) is reported and skipped, and
-    the one before it is tried. Returns `(state, step)`, or `(None, None)` with no checkpoints.
+    the one before it is tried; a storage that cannot be reached is an EnvironmentFault (not a
+    reason to start over). Returns `(state, step)`, or `(None, None)` with no checkpoints.
     """
     for step in reversed(self.steps()):
       try:
         return self.restore(step, abstract_state), step
       except Exception as e:  # pylint: disable=broad-except
+        if storage.is_unreachable(e):
+          raise EnvironmentFault(f'cannot read the checkpoint at step {step} in '
+                                 f'{self.directory} ({storage.describe(e)})') from None
         message = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         log(f'warning: checkpoint at step {step} in {self.directory} could not be read '
             f'({type(e).__name__}: {message}); trying the previous one')
     return None, None
 
-  def close(self):
-    self._manager.wait_until_finished()
-    self._manager.close()
+  def abandon(self):
+    """After a storage fault: nothing more is waited for (a save in flight on a storage that
+    stopped answering can hang for minutes in Orbax's threads) or reported."""
+    self._pending = None
+    self._closed = True
+    storage.quiet_abandoned_writers()
+
+  def close(self, quiet=False):
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self._finish_pending()
+      self._manager.close()
+    except Exception:  # pylint: disable=broad-except
+      if not quiet:
+        raise
+
+
+class _OrbaxErrorFilter(logging.Filter):
+  """Drops the errors Orbax logs (a traceback per failed writer thread) as a save fails: the
+  failure is reported once, in one line, by `Checkpointer`."""
+
+  def filter(self, record):
+    return not (record.levelno >= logging.ERROR and '/orbax/' in record.pathname)
+
+
+def _quiet_orbax_errors():
+  logger = logging.getLogger('absl')
+  if not any(isinstance(f, _OrbaxErrorFilter) for f in logger.filters):
+    logger.addFilter(_OrbaxErrorFilter())
 
 
 WEIGHTS = ('ema', 'params')

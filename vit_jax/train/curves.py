@@ -5,13 +5,16 @@ skipped for that run (a panel no run logged says so). The trainer calls `plot_wo
 eval to refresh `curves.png` in its workdir.
 """
 
+import io
 import json
 import os
+import posixpath
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from vit_jax.errors import UserError
+from vit_jax.errors import EnvironmentFault, UserError
+from vit_jax.train import workdir as workdir_lib
 
 # (panel title, y label, [(metric key, line style, legend suffix)], log-scale y)
 PANELS = (
@@ -24,16 +27,17 @@ PANELS = (
 
 
 def read_metrics(workdir):
-  """`{metric: (steps, values)}` from `workdir/metrics.jsonl`, each sorted by step.
+  """`{metric: (steps, values)}` from `workdir/metrics.jsonl` (local or gs://), each sorted by
+  step.
 
-  A resumed run logs again the steps after its checkpoint; the later rows win. A last line cut
-  off mid-write (a run still going) is skipped; a broken line elsewhere is a UserError.
+  A resumed run drops what its predecessor logged after the checkpoint; should a file still
+  hold a step twice (written by an older version), the later row wins. A last line cut off
+  mid-write (a run still going) is skipped; a broken line elsewhere is a UserError.
   """
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.isfile(path):
+  path = workdir_lib.RunFiles(workdir).metrics_jsonl
+  if not path.exists():
     raise UserError(f'{path} does not exist; pass workdirs that train.py wrote')
-  with open(path) as f:
-    lines = f.read().split('\n')
+  lines = path.read_text().split('\n')
   series = {}   # metric -> list of (step, value), steps increasing
   for number, line in enumerate(lines, start=1):
     if not line.strip():
@@ -58,20 +62,22 @@ def read_metrics(workdir):
 
 def run_labels(workdirs):
   """One label per workdir: its name, or its path as given when names clash."""
-  names = [os.path.basename(os.path.normpath(d)) for d in workdirs]
-  return [name if names.count(name) == 1 else os.path.normpath(d)
-          for name, d in zip(names, workdirs)]
+  paths = [os.fspath(workdir_lib.as_path(d)) for d in workdirs]
+  names = [posixpath.basename(path.rstrip('/')) for path in paths]
+  return [name if names.count(name) == 1 else path for name, path in zip(names, paths)]
 
 
 def plot_workdirs(workdirs, out_png):
-  """Writes the curves of `workdirs` (one colour each) to `out_png` (1000 x 700 px).
+  """Writes the curves of `workdirs` (one colour each) to `out_png` (1000 x 700 px), a local
+  path or gs://.
 
   The file is replaced atomically, so a viewer never sees it half written.
   """
   fig = curves_figure(workdirs)
-  tmp_png = f'{out_png}.tmp'
-  fig.savefig(tmp_png, format='png')
-  os.replace(tmp_png, out_png)
+  png = io.BytesIO()
+  fig.savefig(png, format='png')
+  out = workdir_lib.as_path(out_png)
+  workdir_lib.RunFiles(out.parent).write_bytes(out, png.getvalue())
 
 
 def curves_figure(workdirs):
@@ -109,8 +115,10 @@ def curves_figure(workdirs):
 
 def refresh(files):
   """Redraws a run's `curves.png` from its metrics.jsonl; a plotting failure never stops
-  training (it is reported as a warning)."""
+  training (it is reported as a warning), a storage fault does."""
   try:
     plot_workdirs([os.fspath(files.root)], os.fspath(files.curves_png))
+  except EnvironmentFault:
+    raise  # A full disk or a failing bucket is the run's fault too, not the plot's.
   except Exception as e:  # pylint: disable=broad-except
     print(f'warning: could not refresh curves.png ({type(e).__name__}: {e})')

@@ -8,19 +8,21 @@ those fetch values that are already done while the next step runs.
 """
 
 import itertools
+import json
 import time
 
 import jax
 import numpy as np
 
 from vit_jax import data as data_lib
-from vit_jax.errors import Diverged
+from vit_jax.errors import Diverged, EnvironmentFault
 from vit_jax.train import build
 from vit_jax.train import checkpoint as checkpoint_lib
 from vit_jax.train import config as config_lib
 from vit_jax.train import curves
 from vit_jax.train import evaluate as evaluate_lib
 from vit_jax.train import flops as flops_lib
+from vit_jax.train import out_of_memory
 from vit_jax.train import metrics as metrics_lib
 from vit_jax.train import prefetch
 from vit_jax.train import sharding
@@ -41,8 +43,7 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
   log = log if is_main else (lambda *a, **k: None)
   config = config_lib.resolve(config, jax.device_count(), jax.process_count())
   files = workdir_lib.RunFiles(workdir)
-  files.check_resumable(config, allow_config_change)
-  files.check_writable()
+  files.check_before_writing(config, allow_config_change)
 
   # Data → model, optimizer and steps → state. Nothing is written until all of them worked.
   datasets = data_lib.create_datasets(config, jax.process_index(), jax.process_count())
@@ -50,36 +51,43 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
   run = build.parts(config, num_classes)
   state = _initial_state(config, run, files, num_classes, log)
   log(sharding.describe(state.params))
+  start_step = int(jax.device_get(state.step))
+  if start_step >= config.total_steps and files.is_finished():
+    log(f'workdir {files}: the run finished at step {start_step} already; nothing to do')
+    return json.loads(files.final_metrics_json.read_text())
+
+  # Compiled once, ahead of time, on the first batch (the loop can never trigger a recompile),
+  # and before anything is written: a step that does not fit the device changes nothing.
+  batches = prefetch.device_prefetch(datasets.train_batches(start_step), run.mesh,
+                                     config.data.prefetch_batches)
+  first_batch = next(batches)
+  compile_start = time.perf_counter()
+  with out_of_memory.explained(config, 'the train step'):
+    train_step = run.train_fn.lower(state, first_batch).compile()
+  batches = itertools.chain([first_batch], batches)
+
   if is_main:
     files.write_config(config)
     files.write_class_names(datasets.class_names)
-
-  start_step = int(jax.device_get(state.step))
-  writer = metrics_lib.MetricWriter(files, enabled=is_main)
+  writer = metrics_lib.MetricWriter(files, enabled=is_main, start_step=start_step)
   progress = metrics_lib.Progress(config.total_steps, enabled=is_main)
   stop_request = stopping.StopRequest().install()
   checkpointer = checkpoint_lib.Checkpointer(files.checkpoints, keep=config.keep_checkpoints)
   check_finite = lambda fetched: _stop_if_diverged(fetched, config, checkpointer)
-  batches = prefetch.device_prefetch(datasets.train_batches(start_step), run.mesh,
-                                     config.data.prefetch_batches)
   final_metrics = {}
   try:
-    # Compiled once, ahead of time, on the first batch: the loop can never trigger a recompile.
-    first_batch = next(batches)
-    compile_start = time.perf_counter()
-    train_step = run.train_fn.lower(state, first_batch).compile()
     eval_step = None  # Compiled at the first eval, when its batch shape is known.
     log(f'workdir {files}: training {config.model_name} for steps {start_step}..'
         f'{config.total_steps} on {jax.device_count()} {jax.devices()[0].platform} device(s) '
         f'(mesh {dict(run.mesh.shape)})')
     train_log = metrics_lib.TrainLog(config.batch_size, _flops_per_device(config, num_classes),
                                      writer, progress, check_finite)
-    batches = itertools.chain([first_batch], batches)
 
     for step in range(start_step + 1, config.total_steps + 1):
       state, step_metrics = train_step(state, next(batches))
       if step == start_step + 1:
-        jax.block_until_ready(step_metrics)
+        with out_of_memory.explained(config, 'the train step'):
+          jax.block_until_ready(step_metrics)
         progress.compiled(time.perf_counter() - compile_start)
         train_log.start_clock(step)
       train_log.flush()  # The device is busy with `step`: fetching the last log's values is free.
@@ -94,10 +102,12 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
         eval_params = state.ema_params if state.ema_params is not None else state.params
         if eval_step is None:
           eval_batch = sharding.global_batch(next(iter(datasets.eval_batches())), run.mesh)
-          eval_step = run.eval_fn.lower(eval_params, eval_batch).compile()
+          with out_of_memory.explained(config, 'the eval step'):
+            eval_step = run.eval_fn.lower(eval_params, eval_batch).compile()
         eval_metrics = evaluate_lib.evaluate(eval_step, eval_params, datasets, run.mesh,
                                              num_classes)
         writer.write(step, eval_metrics)
+        writer.flush()
         final_metrics = dict(eval_metrics, step=step)
         log(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
         if is_main and config.plot_every_eval:
@@ -106,25 +116,48 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
       if ((config.checkpoint_every and step % config.checkpoint_every == 0) or is_last
           or stopping_now):
         check_finite({'first_nonfinite_step': state.first_nonfinite_step})
+        # The rows up to this step are stored before its checkpoint can exist: a resume from it
+        # never lacks one (and drops those logged after it).
+        train_log.flush()
+        writer.flush()
         checkpointer.save(state, force=True)
 
       if stopping_now and not is_last:
         reason = stop_request.signal_name or f'--stop_at_step={stop_at_step}'
         train_log.flush()
         checkpointer.wait()
+        writer.close()
         log(f'{reason}: saved a checkpoint at step {step} in {checkpointer.directory}; rerun '
             f'the same command to resume')
         return {'step': step, 'stopped': True}
 
     train_log.flush()
     checkpointer.wait()
+    writer.close()
     if is_main:
       files.write_final_metrics(final_metrics)
     return final_metrics
+  except EnvironmentFault as fault:
+    # Nothing more is sent to a storage that failed; the message says what survived.
+    fault = checkpointer.with_survivor(fault)
+    writer.close(discard=True)
+    checkpointer.abandon()
+    raise fault from None
+  except BaseException:
+    # A save in flight may end; the first error is the one reported.
+    _close_quietly(writer.close, lambda: checkpointer.close(quiet=True))
+    raise
   finally:
     stop_request.uninstall()
-    writer.close()
     checkpointer.close()
+
+
+def _close_quietly(*closers):
+  for close in closers:
+    try:
+      close()
+    except Exception:  # pylint: disable=broad-except
+      pass
 
 
 def _initial_state(config, run, files, num_classes, log):

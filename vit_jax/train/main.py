@@ -82,13 +82,30 @@ def main(argv):
   cli.apply_xla_flags(config)  # Before anything starts the backend, which reads them once.
   initialize_distributed()
   from vit_jax.train import loop  # Imported after flag parsing: a typo should fail in a second.
-  loop.train_and_evaluate(config, workdir, stop_at_step=_STOP_AT_STEP.value,
-                          allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  from vit_jax.train import storage
+  try:
+    loop.train_and_evaluate(config, workdir, stop_at_step=_STOP_AT_STEP.value,
+                            allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  except Exception as e:  # pylint: disable=broad-except
+    if isinstance(e, errors.REPORTED) or not storage.is_fault(e):
+      raise
+    # A disk or storage fault the loop did not name more precisely: still one line.
+    raise errors.EnvironmentFault(f'workdir {workdir}: {storage.describe(e)}') from None
 
 
 def run(argv=None):
-  """`main` as a command: its exit status (see vit_jax.errors)."""
-  return errors.exit_status_of(main, sys.argv if argv is None else argv)
+  """`main` as a command: its exit status (see vit_jax.errors).
+
+  After a storage fault the process ends at once: the threads of a storage that stopped
+  answering (Orbax's async writers, retrying) would otherwise hold the interpreter's exit for
+  minutes. The fault is reported, and the newest complete checkpoint is safe.
+  """
+  status = errors.exit_status_of(main, sys.argv if argv is None else argv)
+  if status == errors.ENVIRONMENT_FAULT_STATUS:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access
+  return status
 
 
 if __name__ == '__main__':

@@ -1,11 +1,18 @@
 """Where numbers go: `metrics.jsonl`, TensorBoard event files, and the console progress line.
 
 Only process 0 writes (the others get a writer that drops everything), so a multi-host run
-produces one set of files.
+produces one set of files. Both files go through `storage.GrowingFile`: appended locally,
+replaced whole in a bucket, at most every `UPLOAD_EVERY_S` and at each `flush()` (the loop
+flushes at each eval and before each checkpoint, so a checkpoint never outlives its rows).
+
+A resumed run starts both files from what the interrupted one logged up to its checkpoint's
+step: the rows and events after it are dropped, so every step appears once, and TensorBoard gets
+a restart event (`SessionLog.START`) at the first new step, which tells a TensorBoard that read
+the dropped points to forget them.
 """
 
 import json
-import os
+import struct
 import sys
 import time
 
@@ -13,46 +20,139 @@ import jax
 import numpy as np
 
 from vit_jax.train import flops as flops_lib
+from vit_jax.train import storage
+
+UPLOAD_EVERY_S = 30  # How stale a bucket's metrics may be while the run is going.
 
 
-def _tensorboard_writer(logdir):
-  """An event-file writer from the `tensorboard` package alone (no TensorFlow import)."""
-  try:
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter
-  except ImportError:  # TensorBoard is optional; metrics.jsonl is always written.
-    return None
-  return EventFileWriter(logdir)
+def _tfrecord(data):
+  """One TFRecord (the framing of TensorBoard event files): length, CRCs, data."""
+  from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+  header = struct.pack('<Q', len(data))
+  return (header + struct.pack('<I', masked_crc32c(header)) + data
+          + struct.pack('<I', masked_crc32c(data)))
+
+
+def _tfrecords(blob):
+  """The records of an event file; a record cut off at the end (a killed writer) is dropped."""
+  records, offset = [], 0
+  while offset + 12 <= len(blob):
+    (length,) = struct.unpack_from('<Q', blob, offset)
+    end = offset + 12 + length + 4
+    if end > len(blob):
+      break
+    records.append(blob[offset + 12:end - 4])
+    offset = end
+  return records
+
+
+def _event(**fields):
+  from tensorboard.compat.proto import event_pb2
+  return event_pb2.Event(wall_time=time.time(), **fields)
+
+
+def kept_events(blob, last_step):
+  """The records of an event file up to `last_step` (the file header and steps <= it)."""
+  from tensorboard.compat.proto import event_pb2
+  kept = []
+  for record in _tfrecords(blob):
+    event = event_pb2.Event.FromString(record)
+    if event.HasField('file_version') or event.step <= last_step:
+      kept.append(_tfrecord(record))
+  return b''.join(kept)
+
+
+def kept_rows(blob, last_step):
+  """The lines of a metrics.jsonl up to `last_step` (a line cut off mid-write is dropped)."""
+  kept = []
+  for line in blob.decode().splitlines(keepends=True):
+    try:
+      if line.endswith('\n') and json.loads(line)['step'] <= last_step:
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):
+      continue
+  return ''.join(kept).encode()
 
 
 class MetricWriter:
   """Appends `{'step': s, **scalars}` to `metrics.jsonl` and to TensorBoard in a workdir."""
 
-  def __init__(self, files, enabled=True):
-    """`files`: the run's `vit_jax.train.workdir.RunFiles`."""
+  def __init__(self, files, enabled=True, start_step=0):
+    """`files`: the run's `vit_jax.train.workdir.RunFiles`; `start_step`: the step the run
+    resumes from (what was logged after it is dropped)."""
     self.enabled = enabled
-    self.jsonl_path = os.fspath(files.metrics_jsonl)
-    self._tensorboard = _tensorboard_writer(os.fspath(files.root)) if enabled else None
+    self._files = files
+    self._jsonl = self._events = None
+    self._last_upload = time.monotonic()
+    self._step = start_step
+    if not enabled:
+      return
+    try:
+      files.root.mkdir(parents=True, exist_ok=True)
+      old = files.metrics_jsonl.read_bytes() if files.metrics_jsonl.exists() else b''
+      self._jsonl = storage.GrowingFile(files.metrics_jsonl, kept_rows(old, start_step))
+      event_files = files.events_files()
+      for stale in event_files[:-1]:  # From an older version of the code: filter in place.
+        blob = stale.read_bytes()
+        kept = kept_events(blob, start_step)
+        if kept != blob:
+          files.write_bytes(stale, kept)
+      if event_files:
+        kept = kept_events(event_files[-1].read_bytes(), start_step)
+        self._events = storage.GrowingFile(event_files[-1], kept)
+      else:
+        self._events = storage.GrowingFile(files.new_events_file())
+        self._add_event(_event(file_version='brain.Event:2'))
+      if start_step:
+        from tensorboard.compat.proto import event_pb2
+        self._add_event(_event(step=start_step + 1, session_log=event_pb2.SessionLog(
+            status=event_pb2.SessionLog.START)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise files.fault(e, files.root, start_step) from None
+
+  def _add_event(self, event):
+    self._events.append(_tfrecord(event.SerializeToString()))
 
   def write(self, step, scalars):
     """Writes plain Python/numpy scalars for `step`."""
     if not self.enabled:
       return
+    from tensorboard.compat.proto import summary_pb2
+    self._step = int(step)
     row = {'step': int(step)}
     row.update({name: float(np.asarray(value)) for name, value in scalars.items()})
-    with open(self.jsonl_path, 'a') as f:
-      f.write(json.dumps(row) + '\n')
-    if self._tensorboard is not None:
-      from tensorboard.compat.proto import event_pb2, summary_pb2
-      summary = summary_pb2.Summary(value=[
-          summary_pb2.Summary.Value(tag=name, simple_value=value)
-          for name, value in row.items() if name != 'step'])
-      self._tensorboard.add_event(
-          event_pb2.Event(wall_time=time.time(), step=row['step'], summary=summary))
-      self._tensorboard.flush()
+    summary = summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag=name, simple_value=value)
+        for name, value in row.items() if name != 'step'])
+    try:
+      self._jsonl.append((json.dumps(row) + '\n').encode())
+      self._add_event(_event(step=row['step'], summary=summary))
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._files.fault(e, self._jsonl.path, step) from None
+    if time.monotonic() - self._last_upload > UPLOAD_EVERY_S:
+      self.flush()
 
-  def close(self):
-    if self._tensorboard is not None:
-      self._tensorboard.close()
+  def flush(self):
+    """Makes everything written so far durable (uploads it, for a bucket)."""
+    if not self.enabled:
+      return
+    for file in (self._jsonl, self._events):
+      try:
+        file.flush()
+      except Exception as e:  # pylint: disable=broad-except
+        raise self._files.fault(e, file.path, self._step) from None
+    self._last_upload = time.monotonic()
+
+  def close(self, discard=False):
+    """Flushes and closes; with `discard` (after a storage fault) sends nothing more."""
+    if not self.enabled:
+      return
+    for file in (self._jsonl, self._events):
+      try:
+        file.close(discard=discard)
+      except Exception as e:  # pylint: disable=broad-except
+        if not discard:
+          raise self._files.fault(e, file.path, self._step) from None
 
 
 def _format_seconds(seconds):

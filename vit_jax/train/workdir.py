@@ -9,40 +9,41 @@ same to the rest of the code. What a workdir holds:
 
   config.json         the resolved config, its schema version and provenance (written first)
   class_names.json    the class names of the data, in label order
-  metrics.jsonl       one JSON object per logged step
-  events.out.tfevents.*  TensorBoard
+  metrics.jsonl       one JSON object per logged step (on resume from step K, the rows after K
+                      are dropped: they belong to the interrupted run)
+  events.out.tfevents.*  TensorBoard (likewise)
   curves.png          redrawn at each eval
   checkpoints/<step>/ Orbax
   final_metrics.json  when the run has finished
+  diverged.json       written by a sweep whose point exited Diverged (not retried)
+
+`gs://` paths go through gcsfs, or the emulator `STORAGE_EMULATOR_HOST` names (see
+`vit_jax.train.storage`, configured when this module is imported).
 """
 
 import json
 import os
+import socket
+import time
 import uuid
 
 from etils import epath
 
 from vit_jax.errors import EnvironmentFault, UserError
 from vit_jax.train import config as config_lib
+from vit_jax.train import storage
+
+storage.configure()  # Before any gs:// path is opened: epath picks its backend once.
 
 CHECKPOINT_SUBDIR = 'checkpoints'
-
-
-def _is_local(path):
-  return '://' not in os.fspath(path)
+EVENTS_PREFIX = 'events.out.tfevents.'
+_is_local = storage.is_local
 
 
 def as_path(path):
   """An `epath.Path` for a local path (made absolute) or a URL such as `gs://bucket/run`."""
   text = os.fspath(path)
   return epath.Path(os.path.abspath(text) if _is_local(text) else text)
-
-
-def describe_os_error(error):
-  """'no space left on device' for an OSError; its message otherwise (for one-line reports)."""
-  if isinstance(error, OSError) and error.errno is not None:
-    return os.strerror(error.errno).lower()
-  return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 class RunFiles:
@@ -55,6 +56,7 @@ class RunFiles:
     self.metrics_jsonl = self.root / 'metrics.jsonl'
     self.curves_png = self.root / 'curves.png'
     self.final_metrics_json = self.root / 'final_metrics.json'
+    self.diverged_json = self.root / 'diverged.json'  # a sweep's mark: do not retry this point
     self.checkpoints = self.root / CHECKPOINT_SUBDIR
 
   def __str__(self):
@@ -66,19 +68,35 @@ class RunFiles:
     """Tries to write here (a probe file, created and removed), rather than trusting
     permission bits (which say yes to root on a read-only mount).
 
-    Locally the probe goes to the nearest folder that exists, so nothing is left behind.
+    Locally the probe goes to the nearest folder that exists, so nothing is left behind. In a
+    bucket the probe is an object under the workdir, bounded in time (a dead endpoint fails
+    within `storage.PROBE_DEADLINE_S`, refused credentials at the first answer).
 
     Raises:
-      UserError: naming the path and why it cannot be written (a path the user chose, checked
-        before anything runs).
+      UserError: a local path that cannot hold the run (a path the user chose, checked before
+        anything runs: a file in the way, read-only, not creatable).
+      EnvironmentFault: a full disk, or a bucket that is missing, refuses the credentials or
+        does not answer.
     """
+    if not _is_local(self.root):
+      probe = self.root / f'.vit_jax_probe_{uuid.uuid4().hex}'
+      try:
+        storage.within_deadline(lambda: (probe.write_text(''), probe.unlink()),
+                                f'workdir {self}')
+      except TimeoutError as e:
+        raise EnvironmentFault(f'{e}; check the network (or STORAGE_EMULATOR_HOST)') from None
+      except Exception as e:  # pylint: disable=broad-except
+        if not storage.is_fault(e):
+          raise
+        raise EnvironmentFault(f'workdir {self} cannot be written ({storage.describe(e)}, at '
+                               f'{storage.endpoint()})') from None
+      return
     probe_dir = self.root
-    if _is_local(self.root):
-      while not probe_dir.exists() and probe_dir.parent != probe_dir:
-        probe_dir = probe_dir.parent
-      if not probe_dir.is_dir():
-        raise UserError(f'workdir {self} cannot be written ({probe_dir} is not a writable '
-                        'folder: it is a file)')
+    while not probe_dir.exists() and probe_dir.parent != probe_dir:
+      probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+      raise UserError(f'workdir {self} cannot be written ({probe_dir} is not a writable '
+                      'folder: it is a file)')
     probe = probe_dir / f'.vit_jax_probe_{uuid.uuid4().hex}'
     times = os.stat(probe_dir) if _is_local(probe_dir) else None
     try:
@@ -87,8 +105,21 @@ class RunFiles:
       if times is not None:  # Leave the folder as it was, its modification time included.
         os.utime(probe_dir, ns=(times.st_atime_ns, times.st_mtime_ns))
     except OSError as e:
-      raise UserError(f'workdir {self} cannot be written ({probe_dir} is not a writable '
-                      f'folder: {describe_os_error(e)})') from None
+      error_class = EnvironmentFault if storage.is_disk_full(e) else UserError
+      raise error_class(f'workdir {self} cannot be written ({probe_dir} is not a writable '
+                        f'folder: {storage.describe(e)})') from None
+
+  def check_before_writing(self, resolved, allow_config_change=False):
+    """`check_resumable` and `check_writable`, in the order that fails soonest: a bucket is
+    probed first (a missing or unreachable one fails there, bounded in time, rather than in the
+    unbounded retries of reading its config.json); a local workdir holding another run is
+    refused before the probe touches its folder."""
+    if _is_local(self.root):
+      self.check_resumable(resolved, allow_config_change)
+      self.check_writable()
+    else:
+      self.check_writable()
+      self.check_resumable(resolved, allow_config_change)
 
   def check_resumable(self, resolved, allow_config_change=False):
     """Refuses a workdir that holds a run of a different config (read only)."""
@@ -107,21 +138,46 @@ class RunFiles:
     return self.checkpoints.is_dir() and any(
         path.name.isdigit() for path in self.checkpoints.iterdir())
 
+  def is_finished(self):
+    """Whether the run here has ended (its final metrics are written)."""
+    return self.final_metrics_json.exists()
+
+  def events_files(self):
+    """The TensorBoard event files here, oldest first."""
+    if not self.root.is_dir():
+      return []
+    return sorted((path for path in self.root.iterdir()
+                   if path.name.startswith(EVENTS_PREFIX)), key=lambda path: path.name)
+
+  def new_events_file(self):
+    """A name for a new TensorBoard event file (TensorBoard reads every `*tfevents*` file)."""
+    return self.root / f'{EVENTS_PREFIX}{int(time.time())}.{socket.gethostname()}.vit_jax'
+
   # -- Small files, written whole (a bucket object cannot be appended to or truncated).
 
-  def write_json(self, path, value):
-    """Writes `value` to `path` whole, through a temporary file where the storage allows."""
-    text = json.dumps(value, indent=2, sort_keys=True)
+  def write_bytes(self, path, data, step=None):
+    """Writes `path` whole, atomically where the storage allows (`storage.write_bytes`).
+
+    Raises:
+      EnvironmentFault: naming the path (and the step, when given) and why.
+    """
     try:
       self.root.mkdir(parents=True, exist_ok=True)
-      if _is_local(path):
-        partial = path.parent / f'{path.name}.partial'
-        partial.write_text(text)
-        os.replace(partial, path)
-      else:
-        path.write_text(text)
-    except OSError as e:
-      raise EnvironmentFault(f'cannot write {path} ({describe_os_error(e)})') from None
+      storage.write_bytes(path, data)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self.fault(e, path, step) from None
+
+  def write_json(self, path, value):
+    """Writes `value` to `path` whole (see `write_bytes`)."""
+    self.write_bytes(path, json.dumps(value, indent=2, sort_keys=True).encode())
+
+  def fault(self, error, path, step=None):
+    """The EnvironmentFault for a failed write of `path`; other errors are returned as they are
+    (a bug is not a storage fault)."""
+    if not storage.is_fault(error):
+      return error
+    at_step = f' at step {step}' if step is not None else ''
+    return EnvironmentFault(f'cannot write {path}{at_step} ({storage.describe(error)})')
 
   def write_config(self, resolved):
     self.write_json(self.config_json, config_lib.workdir_record(resolved))

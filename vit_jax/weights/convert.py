@@ -78,6 +78,8 @@ def detect_format(path, writing=False):
     return 'npz'
   if path.endswith(timm.SUFFIXES):
     return 'timm'
+  if '://' in path and not writing and workdir.locate(path):
+    return 'workdir'  # A training run in a bucket (gs://).
   if not writing and not os.path.exists(path):
     raise UserError(f'no such file or directory: {path}')
   if os.path.isdir(path):

@@ -19,19 +19,18 @@ WEIGHTS = checkpoint.WEIGHTS  # 'ema', 'params'
 
 
 def locate(path):
-  """`(workdir, step or None)` for a workdir, its checkpoints folder or a step folder; else None."""
-  path = os.path.abspath(path)
+  """`(workdir, step or None)` for a workdir, its checkpoints folder or a step folder (local or
+  gs://); else None."""
+  path = workdir_lib.as_path(path)
   candidates = [(path, None)]
-  parent, name = os.path.split(path)
-  if name == workdir_lib.CHECKPOINT_SUBDIR:
-    candidates.append((parent, None))
-  grandparent, parent_name = os.path.split(parent)
-  if parent_name == workdir_lib.CHECKPOINT_SUBDIR and name.isdigit():
-    candidates.append((grandparent, int(name)))
+  if path.name == workdir_lib.CHECKPOINT_SUBDIR:
+    candidates.append((path.parent, None))
+  if path.parent.name == workdir_lib.CHECKPOINT_SUBDIR and path.name.isdigit():
+    candidates.append((path.parent.parent, int(path.name)))
   for workdir, step in candidates:
-    if (os.path.isfile(os.path.join(workdir, 'config.json'))
-        and os.path.isdir(os.path.join(workdir, workdir_lib.CHECKPOINT_SUBDIR))):
-      return workdir, step
+    files = workdir_lib.RunFiles(workdir)
+    if files.config_json.exists() and files.checkpoints.is_dir():
+      return os.fspath(workdir), step
   return None
 
 
