@@ -25,7 +25,7 @@ FAKE_TRAIN = textwrap.dedent('''
     with open(os.environ['FAKE_LOG'], 'a') as f:
       f.write(json.dumps({'workdir': workdir, 'argv': args}) + '\\n')
     if os.environ.get('FAKE_FAIL') and os.environ['FAKE_FAIL'] in workdir:
-      sys.exit(3)
+      sys.exit(1)  # A crash (3 would be a diverged run, which a sweep does not retry).
     os.makedirs(workdir, exist_ok=True)
     config = {'seed': 0, 'schedule': {'name': 'cosine'}}
     for key, value in overrides.items():

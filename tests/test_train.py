@@ -71,11 +71,12 @@ def test_cifar10_config_runs_pretrained_path_on_mock_data(tmp_path):
   pretrained = _write_pretrained_npz(npz_path)
   workdir = str(tmp_path / 'cifar')
   script = (
-      'import sys, tensorflow_datasets as tfds, train\n'
+      'import sys, tensorflow_datasets as tfds\n'
+      'from vit_jax.train import main as train_main\n'
       'from vit_jax.data import tfds_source\n'
       'tfds_source.tfds_host_reachable = lambda *a, **k: True  # mock data needs no network\n'
       'with tfds.testing.mock_data(num_examples=32):\n'
-      '  train.main(sys.argv)\n')
+      '  train_main.main(sys.argv)\n')
   result = run_python(
       ['-c', script, '--config', 'configs/vit_b16_cifar10.py', '--workdir', workdir,
        *TINY_VIT, '--config.image_size=64', '--config.batch_size=8', '--config.total_steps=2',

@@ -50,7 +50,7 @@ import time
 from vit_jax import errors
 from vit_jax.errors import UserError
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The baseline: ViT-B/16 at 224 px in bf16, batch 256, an ImageNet-sized head, and the host
 # delivering 224 px so the step does no resize.

@@ -268,7 +268,7 @@ def main(argv=None):
       return 0
     ensure_vm(vm, args.accelerator_type, version, args.reuse, args.spot)
     if not (args.skip_setup or args.git_url):
-      repo_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+      repo_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
       count = len(pack_repo(repo_dir, local_tarball))
       print(f'# packed {count} files of {repo_dir} into {local_tarball}', flush=True)
     for purpose, command in steps:
