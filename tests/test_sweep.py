@@ -26,6 +26,8 @@ FAKE_TRAIN = textwrap.dedent('''
       f.write(json.dumps({'workdir': workdir, 'argv': args}) + '\\n')
     if os.environ.get('FAKE_FAIL') and os.environ['FAKE_FAIL'] in workdir:
       sys.exit(1)  # A crash (3 would be a diverged run, which a sweep does not retry).
+    if os.environ.get('FAKE_DIVERGE') and os.environ['FAKE_DIVERGE'] in workdir:
+      sys.exit(3)  # vit_jax.errors.DIVERGED_STATUS
     os.makedirs(workdir, exist_ok=True)
     config = {'seed': 0, 'schedule': {'name': 'cosine'}}
     for key, value in overrides.items():
@@ -190,6 +192,29 @@ def test_run_skips_finished_points_and_summarizes(tmp_path):
   assert sorted(float(r['schedule.base_lr']) for r in table) == [0.25, 0.25, 0.5, 0.5]
   markdown = (root / 'summary.md').read_text().splitlines()
   assert len(markdown) == 2 + 4 and markdown[0].startswith('| run | schedule.base_lr |')
+
+
+def test_a_point_that_diverged_is_marked_and_not_retried(tmp_path):
+  """Exit status 3 (Diverged) marks the point's workdir with diverged.json: a rerun of the
+  sweep (or a TPU VM recreated after preemption) skips it, as rerun as it is it would diverge
+  again; the summary shows it."""
+  train = _write(tmp_path / 'fake_train.py', FAKE_TRAIN)
+  log = tmp_path / 'calls.jsonl'
+  sweep_file = _write(tmp_path / 'lrs.py', '''
+      base_config = 'configs/common.py'
+      def get_sweep():
+        return [{'schedule.base_lr': 0.25}, {'schedule.base_lr': 1e30}]
+  ''')
+  root = tmp_path / 'runs'
+  args = [sweep_file, '--workdir_root', str(root), '--train_script', train, '--keep_going']
+  result = _run_cli(*args, env=dict(os.environ, FAKE_LOG=str(log), FAKE_DIVERGE='1e+30'))
+  assert result.returncode == 1 and 'failed with exit code 3' in result.stdout
+  assert json.loads((root / 'base_lr=1e+30' / 'diverged.json').read_text()) == {
+      'exit_status': 3}
+  result = _run_cli(*args, env=dict(os.environ, FAKE_LOG=str(log)))
+  assert result.returncode == 0, result.stderr
+  assert 'base_lr=1e+30: diverged before, not retried' in result.stdout
+  assert len(log.read_text().splitlines()) == 2  # one call per point, none after
 
 
 def test_summary_of_an_unfinished_run_uses_its_last_metrics(tmp_path):

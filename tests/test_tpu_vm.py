@@ -6,6 +6,7 @@ execution path runs against a fake `gcloud` on PATH that records its calls.
 
 import json
 import os
+import re
 import shlex
 import stat
 import subprocess
@@ -96,9 +97,12 @@ def test_git_url_sweep_and_detach_variants():
       '~/vit_jax) && git -C ~/vit_jax fetch -q https://example.com/me/vit.git v1 && '
       'git -C ~/vit_jax checkout -q --detach FETCH_HEAD')
   assert steps['train'][-2] == (
-      '--command=cd ~/vit_jax && nohup ~/vit_jax_env/bin/python -m vit_jax.tools.sweep '
+      '--command=cd ~/vit_jax && if [ -f ~/vit_jax_train.pid ] && '
+      'kill -0 "$(cat ~/vit_jax_train.pid)" 2>/dev/null; then '
+      'echo "training is running already (pid $(cat ~/vit_jax_train.pid))"; else '
+      'nohup ~/vit_jax_env/bin/python -m vit_jax.tools.sweep '
       'configs/sweeps/quickstart_lr_wd.py --workdir_root gs://b/sw --config.total_steps=5 '
-      '> ~/vit_jax_train.log 2>&1 < /dev/null &')
+      '> ~/vit_jax_train.log 2>&1 < /dev/null & echo $! > ~/vit_jax_train.pid; fi')
   args, overrides = tpu_vm._parse(BASE + ['--skip_setup'])
   assert [p for p, _ in tpu_vm.plan(args, overrides, 'x')] == ['train']
 
@@ -150,9 +154,9 @@ def test_dry_run_prints_the_commands_and_runs_none(tmp_path):
   assert result.returncode == 0, result.stderr
   assert calls == []
   commands = [shlex.split(l) for l in result.stdout.splitlines() if not l.startswith('#')]
-  assert [c[4] for c in commands] == ['describe', 'create', 'scp', 'ssh', 'ssh', 'ssh']
+  assert [c[4] for c in commands] == ['describe', 'create', 'scp', 'ssh', 'ssh', 'ssh', 'delete']
   assert all(c[:4] == ['gcloud', 'compute', 'tpus', 'tpu-vm'] for c in commands)
-  assert commands[-1][-2] == _train_line('--config configs/common.py',
+  assert commands[-2][-2] == _train_line('--config configs/common.py',
                                          '--workdir gs://bucket/run1')
 
 
@@ -172,7 +176,9 @@ def test_run_creates_a_missing_vm_then_ships_installs_and_trains(tmp_path):
     ('READY', True, ['describe', 'scp', 'ssh', 'ssh', 'ssh'], 0),
     ('STOPPED', True, ['describe', 'start', 'scp', 'ssh', 'ssh', 'ssh'], 0),
     ('READY', False, ['describe'], 2),
-    ('PREEMPTED', True, ['describe'], 2),
+    # A preempted Spot VM is created again; the run resumes from its gs:// workdir.
+    ('PREEMPTED', True, ['describe', 'delete', 'create', 'scp', 'ssh', 'ssh', 'ssh'], 0),
+    ('CREATING', True, ['describe'], 2),
 ])
 def test_an_existing_vm_is_reused_only_when_asked(tmp_path, state, reuse, verbs, returncode):
   result, calls = _run_cli(tmp_path, *BASE, *(['--reuse'] if reuse else []), state=state)
@@ -180,3 +186,142 @@ def test_an_existing_vm_is_reused_only_when_asked(tmp_path, state, reuse, verbs,
   assert [c[3] for c in calls] == verbs
   if returncode:
     assert result.stderr.startswith('error: ') and state in result.stderr
+
+
+# A stateful fake: the VM's state lives in a file (create -> READY, delete -> gone), scp copies
+# into a fake home, and with FAKE_RUN_SSH its ssh really runs the command there, locally (the
+# install step only makes ~/vit_jax_env/bin/python run this Python). With FAKE_PREEMPT_AT the
+# first remote output line containing that text preempts the VM: the command is killed, the
+# state becomes PREEMPTED and ssh exits 255, as a dropped session does.
+FAKE_CLOUD = textwrap.dedent('''\
+    #!{python}
+    import json, os, shutil, signal, subprocess, sys
+    args = sys.argv[1:]
+    here = os.environ['FAKE_CLOUD_DIR']
+    home = os.path.join(here, 'home')
+    with open(os.path.join(here, 'gcloud.jsonl'), 'a') as f:
+      f.write(json.dumps(args) + '\\n')
+    state_file = os.path.join(here, 'state')
+    state = open(state_file).read() if os.path.exists(state_file) else None
+    def set_state(value):
+      with open(state_file, 'w') as f:
+        f.write(value)
+    verb = args[3]
+    if verb == 'describe':
+      if state is None:
+        sys.exit('ERROR: NOT_FOUND')
+      print(state)
+    elif verb == 'create':
+      if state is not None:
+        sys.exit('ERROR: ALREADY_EXISTS')
+      set_state('READY')
+    elif verb == 'delete':
+      os.remove(state_file)
+    elif verb == 'start':
+      set_state('READY')
+    elif verb in ('scp', 'ssh') and state != 'READY':
+      sys.exit(255)
+    elif verb == 'scp':
+      os.makedirs(home, exist_ok=True)
+      shutil.copy(args[4], os.path.join(home, args[5].split(':', 1)[1]))
+    elif verb == 'ssh' and os.environ.get('FAKE_RUN_SSH'):
+      command = [a for a in args if a.startswith('--command=')][0][len('--command='):]
+      if 'uv pip install' in command:
+        os.makedirs(os.path.join(home, 'vit_jax_env', 'bin'), exist_ok=True)
+        python = os.path.join(home, 'vit_jax_env', 'bin', 'python')
+        with open(python, 'w') as f:
+          f.write('#!/bin/sh\\nexec {python} "$@"\\n')
+        os.chmod(python, 0o755)
+        sys.exit(0)
+      process = subprocess.Popen(['bash', '-c', command], cwd=home, env=dict(os.environ, HOME=home),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)
+      trigger, marker = os.environ.get('FAKE_PREEMPT_AT'), os.path.join(here, 'preempted')
+      for line in process.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        if trigger and trigger in line and not os.path.exists(marker):
+          os.killpg(process.pid, signal.SIGKILL)
+          open(marker, 'w').close()
+          set_state('PREEMPTED')
+          sys.exit(255)
+      sys.exit(process.wait())
+''')
+
+
+def _run_cloud(tmp_path, *args, state=None, env=None, timeout=120):
+  """Runs the launcher against FAKE_CLOUD; returns (result, [(verb, args)])."""
+  here = tmp_path / 'cloud'
+  (here / 'bin').mkdir(parents=True, exist_ok=True)
+  gcloud = here / 'bin' / 'gcloud'
+  gcloud.write_text(FAKE_CLOUD.format(python=sys.executable))
+  gcloud.chmod(gcloud.stat().st_mode | stat.S_IEXEC)
+  log = here / 'gcloud.jsonl'
+  log.write_text('')
+  if state:
+    (here / 'state').write_text(state)
+  full_env = dict(os.environ, PATH=f'{here / "bin"}{os.pathsep}{os.environ["PATH"]}',
+                  FAKE_CLOUD_DIR=str(here), TMPDIR=str(tmp_path), PYTHONUNBUFFERED='1',
+                  **(env or {}))
+  result = subprocess.run([sys.executable, '-m', 'vit_jax.tools.tpu_vm', *args], cwd=REPO,
+                          capture_output=True, text=True, env=full_env, timeout=timeout)
+  return result, [json.loads(l) for l in log.read_text().splitlines()]
+
+
+def test_a_detached_run_is_resumed_on_demand(tmp_path):
+  """--detach cannot watch the VM: `--resume` recreates a preempted (or deleted) one and starts
+  training again; on a READY VM it only restarts training, which the pid guard keeps single."""
+  sweep = ['--sweep', 'configs/sweeps/quickstart_lr_wd.py', '--detach']
+  base = [a for a in BASE if a not in ('--config', 'configs/common.py')]
+  result, calls = _run_cloud(tmp_path, *base, *sweep, '--resume', state='PREEMPTED')
+  assert result.returncode == 0, result.stderr
+  assert [c[3] for c in calls] == ['describe', 'delete', 'create', 'scp', 'ssh', 'ssh', 'ssh']
+  assert 'nohup' in calls[-1][-2] and 'vit_jax_train.pid' in calls[-1][-2]
+  assert 'rerun this command with --resume' in result.stdout
+
+  result, calls = _run_cloud(tmp_path, *base, *sweep, '--resume')  # READY now
+  assert result.returncode == 0, result.stderr
+  assert [c[3] for c in calls] == ['describe', 'ssh']
+  result, calls = _run_cloud(tmp_path, *base, *sweep, '--resume', '--reuse')
+  assert result.returncode == 2 and 'drop --reuse' in result.stderr
+
+
+@pytest.mark.slow
+def test_preempted_sweep_vm_is_recreated_and_its_points_resume(tmp_path, compile_cache):
+  """create -> run -> preempted -> recreate -> resume -> done, with the fake's ssh running the
+  sweep for real against a local GCS emulator. Point seed=1 had finished and seed=2 had
+  diverged before (their marks are in the bucket; how a point's exit status 3 becomes its
+  diverged.json is tests/test_sweep.py's): neither runs again. Point seed=3 is preempted after
+  step 9 and resumes from its checkpoint in the bucket."""
+  from conftest import TINY_QUICKSTART, TINY_STEPS
+  from gcs_emulator import Emulator
+  sweep_file = tmp_path / 'three_seeds.py'
+  sweep_file.write_text("base_config = 'configs/quickstart.py'\n"
+                        "def get_sweep():\n"
+                        "  return [{'seed': 1}, {'seed': 2}, {'seed': 3}]\n")
+  overrides = [a for a in TINY_QUICKSTART if a.startswith('--config.')]
+  args = ['--name', 'my-tpu', '--zone', 'us-central2-b', '--accelerator_type', 'v4-8', '--spot',
+          '--sweep', str(sweep_file), '--workdir', 'gs://bkt/tpu', *overrides]
+  with Emulator(['bkt']) as gcs:
+    gcs.write('tpu/seed=1/final_metrics.json', b'{"step": 12}')
+    gcs.write('tpu/seed=2/diverged.json', b'{"exit_status": 3}')
+    env = dict(gcs.env, FAKE_RUN_SSH='1', FAKE_PREEMPT_AT='step 9/', **compile_cache)
+    result, calls = _run_cloud(tmp_path, *args, env=env, timeout=900)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    names = gcs.names('tpu/')
+    metrics = gcs.read('tpu/seed=3/metrics.jsonl').decode().splitlines()
+  assert [c[3] for c in calls] == [
+      'describe', 'create', 'scp', 'ssh', 'ssh', 'ssh',     # create, ship, install, train...
+      'describe', 'delete', 'create', 'scp', 'ssh', 'ssh', 'ssh']  # ...preempted: again
+  assert '--spot' in calls[1] and '--spot' in calls[8]
+  output = result.stdout
+  assert '# the VM is PREEMPTED (preempted?): recreate it and resume (1 of at most 5)' in output
+  assert output.count('seed=1: finished already, skipping') == 2
+  assert output.count('seed=2: diverged before, not retried') == 2
+  # Killed after step 9: step 4's checkpoint is complete (step 8's may still be in flight).
+  assert re.search(r'resuming from the checkpoint at step [48] in gs://bkt/tpu/seed=3/checkpoints',
+                   output)
+  assert 'tpu/seed=3/final_metrics.json' in names
+  assert not any(name.startswith(('tpu/seed=1/c', 'tpu/seed=2/c')) for name in names)
+  steps = [json.loads(line)['step'] for line in metrics if 'train_loss' in line]
+  assert steps == list(range(1, TINY_STEPS + 1))

@@ -241,9 +241,10 @@ def run_sweep(commands, keep_going=False, out=sys.stdout):
   """Runs the commands one after another, skipping those whose workdir holds final metrics or
   says the point diverged (a point that exits with the Diverged status is marked so).
 
-  Returns the names of the points that failed (empty when all finished).
+  Returns the names of the points that failed (empty when all finished or diverged before).
   """
   failed = []
+  diverged = []
   for i, (name, workdir, argv) in enumerate(commands):
     prefix = f'[{i + 1}/{len(commands)}] {name}'
     files = workdir_lib.RunFiles(workdir)
@@ -253,6 +254,7 @@ def run_sweep(commands, keep_going=False, out=sys.stdout):
     if files.diverged_json.exists():
       print(f'{prefix}: diverged before, not retried (delete {files.diverged_json} to retry)',
             file=out, flush=True)
+      diverged.append(name)
       continue
     print(f'{prefix}: {shlex.join(argv)}', file=out, flush=True)
     returncode = subprocess.run(argv, check=False).returncode
@@ -263,6 +265,9 @@ def run_sweep(commands, keep_going=False, out=sys.stdout):
       failed.append(name)
       if not keep_going:
         break
+  if diverged:
+    print(f'{len(diverged)} point(s) diverged before and were not run: {", ".join(diverged)}',
+          file=out, flush=True)
   return failed
 
 
@@ -430,7 +435,7 @@ def _run_main(argv):
     print(f'error: {len(failed)} of {len(commands)} points failed: {", ".join(failed)}',
           file=sys.stderr)
     return 1
-  print(f'all {len(commands)} points finished; summary: '
+  print(f'all {len(commands)} points ran; summary: '
         f'python -m vit_jax.tools.sweep summarize {shlex.quote(workdir_root)}')
   return 0
 

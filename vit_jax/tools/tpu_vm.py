@@ -2,7 +2,7 @@
 
     python -m vit_jax.tools.tpu_vm --name my-tpu --zone us-central2-b --accelerator_type v4-32 \\
         --config configs/vit.py:b16,cifar10 --workdir gs://my-bucket/vit_b16 \\
-        [--config.<key>=<value> ...] [--reuse] [--detach] [--dry_run]
+        [--config.<key>=<value> ...] [--spot] [--reuse] [--detach [--resume]] [--dry_run]
 
 The steps, each one `gcloud` command (`--dry_run` prints them and runs nothing):
   1. `tpu-vm describe` the VM; if it is missing, `tpu-vm create` it (with --reuse an existing
@@ -13,7 +13,13 @@ The steps, each one `gcloud` command (`--dry_run` prints them and runs nothing):
      jax needs) and install requirements.txt plus `jax[tpu]` into it;
   4. `tpu-vm ssh --worker=all`: run `train.py` (or a sweep) on all workers at once. Every worker
      runs the same command; `jax.distributed.initialize()` in train.py finds the others itself.
-See docs/TPU_VM.md.
+
+A VM that is lost on the way (a Spot VM gcloud reports PREEMPTED or TERMINATED, or one that is
+gone) is recreated and steps 2-4 run again; the run resumes from the checkpoints in its gs://
+workdir, and a sweep skips its finished points and those that diverged. Attached, the launcher
+does this itself (up to --max_recreations times); with --detach it cannot watch, and the same
+command with --resume does it on demand (on a READY VM it only restarts training that is not
+running). See docs/TPU_VM.md.
 """
 
 import argparse
@@ -35,6 +41,8 @@ REMOTE_TARBALL = 'vit_jax.tar.gz'      # relative to the workers' home folder
 REMOTE_VENV = '~/vit_jax_env'
 REMOTE_PYTHON = f'{REMOTE_VENV}/bin/python'
 REMOTE_LOG = '~/vit_jax_train.log'     # with --detach
+REMOTE_PID = '~/vit_jax_train.pid'     # with --detach: the training's process, while it runs
+LOST_STATES = ('PREEMPTED', 'TERMINATED')  # a Spot VM taken back; delete and create it again
 UV = '~/.local/bin/uv'
 
 # The TPU software version ("runtime") to create each generation with, from Google's table of
@@ -91,6 +99,10 @@ def start_command(vm):
   return vm.gcloud('start')
 
 
+def delete_command(vm):
+  return vm.gcloud('delete', '--quiet')
+
+
 def copy_tarball_commands(vm, local_tarball):
   """scp the tarball to every worker, then unpack it into REMOTE_DIR there."""
   return [
@@ -132,8 +144,11 @@ def train_remote_command(workdir, overrides, config=None, sweep_file=None, detac
     argv = sweep_lib.train_command(config, {}, workdir, overrides, python=REMOTE_PYTHON)
   # REMOTE_PYTHON starts with ~, which must reach the remote shell unquoted to expand.
   line = f'{REMOTE_PYTHON} {shlex.join(argv[1:])}'
-  if detach:  # Keeps running after the ssh session ends; the output goes to REMOTE_LOG.
-    line = f'nohup {line} > {REMOTE_LOG} 2>&1 < /dev/null &'
+  if detach:
+    # Keeps running after the ssh session ends (output in REMOTE_LOG); not started twice.
+    line = (f'if [ -f {REMOTE_PID} ] && kill -0 "$(cat {REMOTE_PID})" 2>/dev/null; then '
+            f'echo "training is running already (pid $(cat {REMOTE_PID}))"; else '
+            f'nohup {line} > {REMOTE_LOG} 2>&1 < /dev/null & echo $! > {REMOTE_PID}; fi')
   return f'cd {REMOTE_DIR} && {line}'
 
 
@@ -200,16 +215,21 @@ def _parse(argv):
                       help='do not copy code or install; only start training')
   parser.add_argument('--detach', action='store_true',
                       help=f'leave training running in the background (log: {REMOTE_LOG})')
+  parser.add_argument('--resume', action='store_true',
+                      help='resume a run: recreate the VM if it was preempted or deleted, '
+                           'start it if stopped, and restart training unless it is running')
+  parser.add_argument('--max_recreations', type=int, default=5,
+                      help='attached: how many times a lost (preempted) VM is recreated')
   parser.add_argument('--dry_run', action='store_true', help='print the commands, run nothing')
   args, overrides = parser.parse_known_args(argv)
   return args, overrides
 
 
-def plan(args, overrides, local_tarball):
+def plan(args, overrides, local_tarball, setup=True):
   """The commands to run once the VM is up: [(purpose, argv)]."""
   vm = TpuVm(args.name, args.zone, args.project)
   steps = []
-  if not args.skip_setup:
+  if setup and not args.skip_setup:
     if args.git_url:
       steps.append(('get the code', git_clone_command(vm, args.git_url, args.git_ref)))
     else:
@@ -228,22 +248,98 @@ def _run(purpose, argv):
     raise RuntimeError(f'{purpose} failed with exit code {returncode}: {shlex.join(argv)}')
 
 
-def ensure_vm(vm, accelerator_type, version, reuse, spot):
-  """Creates the VM, or with `reuse` uses (starting it if STOPPED) the one that exists."""
+def vm_state(vm):
+  """The VM's state as gcloud reports it ('READY', 'PREEMPTED', ...), or None if it is gone."""
   print(f'# look for the VM\n{shlex.join(describe_command(vm))}', flush=True)
   described = subprocess.run(describe_command(vm), capture_output=True, text=True, check=False)
-  if described.returncode != 0:
+  return described.stdout.strip() if described.returncode == 0 else None
+
+
+def ensure_vm(vm, accelerator_type, version, reuse, spot):
+  """Creates the VM, or with `reuse` uses the one that exists (started if STOPPED, created again
+  if PREEMPTED or TERMINATED)."""
+  state = vm_state(vm)
+  if state is None:
     _run('create the VM', create_command(vm, accelerator_type, version, spot))
     return
-  state = described.stdout.strip()
   if not reuse:
     raise UserError(f'TPU VM {vm.name!r} exists already in {vm.zone} ({state}); pass --reuse to '
                     'use it, or choose another --name')
   if state == 'STOPPED':
     _run('start the VM', start_command(vm))
+  elif state in LOST_STATES:  # Preempted: a new VM resumes the run from its gs:// workdir.
+    print(f'# the VM is {state}: create it again', flush=True)
+    recreate_vm(vm, state, accelerator_type, version, spot)
   elif state != 'READY':
     raise UserError(f'TPU VM {vm.name!r} is {state}, not READY or STOPPED; delete it with '
                     f'`gcloud compute tpus tpu-vm delete {vm.name} --zone={vm.zone}` and rerun')
+
+
+def recreate_vm(vm, state, accelerator_type, version, spot):
+  """Deletes a lost VM (unless it is gone already) and creates it again."""
+  if state is not None:
+    _run(f'delete the {state} VM', delete_command(vm))
+  _run('create the VM again', create_command(vm, accelerator_type, version, spot))
+
+
+def revive_vm(vm, accelerator_type, version, spot):
+  """For --resume: the VM made READY; returns whether it is new (and needs the code again)."""
+  state = vm_state(vm)
+  if state == 'READY':
+    return False
+  if state == 'STOPPED':
+    _run('start the VM', start_command(vm))
+    return False
+  if state is not None and state not in LOST_STATES:
+    raise UserError(f'TPU VM {vm.name!r} is {state}; wait until it is READY, or delete it')
+  print(f'# the VM is {state or "gone"}: create it again and resume', flush=True)
+  recreate_vm(vm, state, accelerator_type, version, spot)
+  return True
+
+
+def supervise(vm, steps_for, recreate, max_recreations):
+  """Runs the steps; when one fails because the VM was lost (preempted, or deleted), recreates
+  the VM and runs the steps again, at most `max_recreations` times.
+
+  `steps_for(recreated)` gives the steps (a recreated VM needs the setup steps again);
+  `recreate(state)` makes a new VM. Returns `(purpose, exit status)` of the step that failed on a
+  VM that is still there (the command's own failure), or `(None, 0)`.
+  """
+  recreations = 0
+  while True:
+    failed = None
+    for purpose, argv in steps_for(recreations > 0):
+      print(f'# {purpose}\n{shlex.join(argv)}', flush=True)
+      returncode = subprocess.run(argv, check=False).returncode
+      if returncode != 0:
+        failed = (purpose, returncode)
+        break
+    if failed is None:
+      return None, 0
+    state = vm_state(vm)
+    if state is not None and state not in LOST_STATES:
+      return failed
+    if recreations == max_recreations:
+      raise RuntimeError(f'the VM was lost {recreations + 1} times (now {state or "gone"}); '
+                         'giving up: rerun with --resume to go on')
+    recreations += 1
+    print(f'# the VM is {state or "gone"} (preempted?): recreate it and resume '
+          f'({recreations} of at most {max_recreations})', flush=True)
+    recreate(state)
+
+
+def _remote_failure(purpose, returncode):
+  """The launcher's exit status for a step that failed on a live VM: a training's own status
+  (2 mistake, 3 diverged, 4 environment) is passed on."""
+  meaning = {errors.USER_ERROR_STATUS: 'a mistake in the config or command',
+             errors.DIVERGED_STATUS: 'the run diverged; rerunning as it is diverges again',
+             errors.ENVIRONMENT_FAULT_STATUS: 'a fault of the machine or storage'}
+  if purpose == 'train' and returncode in meaning:
+    print(f'error: training on the VM exited with status {returncode} ({meaning[returncode]}); '
+          'its output above says more', file=sys.stderr)
+    return returncode
+  print(f'error: {purpose} failed with exit code {returncode}', file=sys.stderr)
+  return 1
 
 
 def main(argv=None):
@@ -251,6 +347,8 @@ def main(argv=None):
   try:
     args, overrides = _parse(argv)
     check_run(args.config, args.sweep, overrides, args.workdir)
+    if args.resume and args.reuse:
+      raise UserError('--resume reuses the VM already; drop --reuse')
     version = args.version or default_version(args.accelerator_type)
     vm = TpuVm(args.name, args.zone, args.project)
     local_tarball = os.path.join(
@@ -265,17 +363,29 @@ def main(argv=None):
         print(f'# pack this checkout (files git tracks or would track) into {local_tarball}')
       for purpose, command in steps:
         print(f'# {purpose}\n{shlex.join(command)}')
+      print(f'# if the VM is lost (PREEMPTED, TERMINATED or gone): delete it, create it again '
+            f'and rerun the steps above\n{shlex.join(delete_command(vm))}')
       return 0
-    ensure_vm(vm, args.accelerator_type, version, args.reuse, args.spot)
+    if args.resume:
+      setup_first = revive_vm(vm, args.accelerator_type, version, args.spot)
+    else:
+      ensure_vm(vm, args.accelerator_type, version, args.reuse, args.spot)
+      setup_first = True
     if not (args.skip_setup or args.git_url):
       repo_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
       count = len(pack_repo(repo_dir, local_tarball))
       print(f'# packed {count} files of {repo_dir} into {local_tarball}', flush=True)
-    for purpose, command in steps:
-      _run(purpose, command)
+    purpose, returncode = supervise(
+        vm, lambda recreated: plan(args, overrides, local_tarball,
+                                   setup=setup_first or recreated),
+        lambda state: recreate_vm(vm, state, args.accelerator_type, version, args.spot),
+        args.max_recreations)
+    if returncode:
+      return _remote_failure(purpose, returncode)
     if args.detach:
       follow = vm.gcloud('ssh', '--worker=0', f'--command=tail -f {REMOTE_LOG}')
-      print(f'training runs in the background; follow worker 0 with: {shlex.join(follow)}')
+      print(f'training runs in the background; follow worker 0 with: {shlex.join(follow)}; '
+            'if the VM is preempted, rerun this command with --resume')
     return 0
   except errors.REPORTED as e:
     return errors.report(e)
