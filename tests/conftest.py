@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
@@ -66,3 +68,32 @@ def train_losses_on_one_batch(config, steps=5, num_classes=10):
     state, metrics = run_parts.train_fn(state, batch)
     losses.append(float(metrics['train_loss']))
   return np.array(losses), int(state.skipped_updates)
+
+
+# A quickstart small enough for the fault and cloud tests (one 16-wide layer, 12 steps, a
+# checkpoint every 4): each run is mostly the start of Python, JAX and TensorFlow.
+TINY_STEPS = 12
+TINY_QUICKSTART = ['--config', 'configs/quickstart.py', f'--config.total_steps={TINY_STEPS}',
+                   '--config.schedule.warmup_steps=2', '--config.checkpoint_every=4',
+                   '--config.log_every=1', '--config.eval_every=0', '--config.batch_size=16',
+                   '--config.model.num_layers=1', '--config.model.hidden_size=16',
+                   '--config.model.mlp_dim=32', '--config.plot_every_eval=False']
+
+
+@pytest.fixture(scope='session')
+def compile_cache(tmp_path_factory):
+  """Environment for subprocesses sharing one persistent XLA cache: the tiny runs compile the
+  same steps, so each later run starts seconds sooner (the executable is the same)."""
+  return {'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('xla_cache'))}
+
+
+@pytest.fixture(scope='session')
+def tiny_reference(tmp_path_factory, compile_cache):
+  """An uninterrupted local TINY_QUICKSTART run: `(workdir, digest of its final TrainState)`."""
+  from vit_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('tiny_reference') / 'run')
+  result = run_train(TINY_QUICKSTART + ['--workdir', workdir], env=compile_cache)
+  assert result.returncode == 0, result.stderr[-3000:]
+  state = checkpoint.restore_train_state(workdir)
+  assert int(state.step) == TINY_STEPS
+  return workdir, checkpoint.tree_digest(state)
