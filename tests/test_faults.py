@@ -317,3 +317,23 @@ def test_a_step_that_does_not_fit_is_one_line_with_figures_and_remedies(tmp_path
                 'accum_steps=2', 'model.remat_policy=dots', '--max_batch'):
     assert words in message, (words, message)
   assert not workdir.exists()
+
+
+def test_a_bucket_gets_metrics_whole_at_flushes_and_every_upload_interval(tmp_path,
+                                                                          monkeypatch):
+  """In a bucket (here: local files written as a bucket's objects are, whole), rows wait in
+  memory until a flush, or until UPLOAD_EVERY_S has passed since the last upload."""
+  from vit_jax.train import metrics, storage, workdir as workdir_lib
+  monkeypatch.setattr(storage, 'is_local', lambda path: False)
+  files = workdir_lib.RunFiles(tmp_path / 'run')
+  writer = metrics.MetricWriter(files)
+  writer.write(1, {'train_loss': 2.0})
+  assert not files.metrics_jsonl.exists()  # nothing sent yet
+  writer.flush()
+  assert files.metrics_jsonl.read_text().count('\n') == 1
+  writer.write(2, {'train_loss': 1.5})
+  assert files.metrics_jsonl.read_text().count('\n') == 1
+  monkeypatch.setattr(metrics, 'UPLOAD_EVERY_S', 0)
+  writer.write(3, {'train_loss': 1.0})
+  assert [json.loads(l)['step'] for l in files.metrics_jsonl.read_text().splitlines()] == [1, 2, 3]
+  writer.close()
