@@ -2,7 +2,8 @@ r"""The GPU fast-path sweep as one command: the baseline and every switch, each 
 
 Each variant is one `python -m vit_jax.tools.benchmark` run in its own subprocess, so a variant that
 runs out of memory, or one whose XLA_FLAGS (read only when the backend starts) break XLA,
-cannot poison the others. Each variant's JSON line is appended to --out as soon as it finishes,
+cannot poison the others. Each variant's JSON line is appended to --out (a local file, or a
+gs:// object, which is replaced whole) as soon as it finishes,
 so a command cut off at a time limit keeps what it did; a failed variant is recorded as a row
 with an "error" and the sweep goes on. A markdown table comparing every variant with the
 baseline is printed last.
@@ -49,6 +50,8 @@ import time
 
 from vit_jax import errors
 from vit_jax.errors import UserError
+from vit_jax.train import storage
+from vit_jax.train import workdir as workdir_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -164,22 +167,23 @@ def run_variant(name, variant_args, extra_args=(), timeout=600):
 
 
 def read_rows(path):
-  """The rows of a JSONL file (none if it does not exist); a torn line is skipped with a warning."""
-  if not os.path.exists(path):
+  """The rows of a JSONL file, local or gs:// (none if it does not exist); a torn line is
+  skipped with a warning."""
+  path = workdir_lib.as_path(path)
+  if not path.exists():
     return []
   rows = []
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        row = None
-      if isinstance(row, dict) and 'variant' in row:
-        rows.append(row)
-      else:
-        print(f'warning: {path}:{number} is not a sweep row; skipped', file=sys.stderr)
+  for number, line in enumerate(path.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      row = None
+    if isinstance(row, dict) and 'variant' in row:
+      rows.append(row)
+    else:
+      print(f'warning: {path}:{number} is not a sweep row; skipped', file=sys.stderr)
   return rows
 
 
@@ -191,18 +195,21 @@ def run_sweep(variants, out_path, extra_args=(), timeout=600, skip_done=False, b
     if skip_done and name in done:
       print(f'{name}: done already, skipped', file=sys.stderr)
   start, new_rows = time.perf_counter(), []
+  out = workdir_lib.as_path(out_path)  # appended locally; a gs:// object is replaced whole
+  results = storage.GrowingFile(out, out.read_bytes() if out.exists() else b'')
   for index, (name, variant_args) in enumerate(todo):
     if budget is not None and time.perf_counter() - start >= budget:
       left = ', '.join(name for name, _ in todo[index:])
       print(f'budget of {budget:g} s spent; not run: {left}', file=sys.stderr)
       break
     row = run_variant(name, variant_args, extra_args, timeout)
-    with open(out_path, 'a') as f:
-      f.write(json.dumps(row) + '\n')
+    results.append((json.dumps(row) + '\n').encode())
+    results.flush()
     new_rows.append(row)
     outcome = f'error: {row["error"]}' if 'error' in row else 'ok'
     print(f'[{index + 1}/{len(todo)}] {name}: {row["wall_s"]:.1f} s, {outcome}', file=sys.stderr,
           flush=True)
+  results.close()
   return new_rows
 
 
@@ -324,13 +331,12 @@ def main(argv=None):
     if args.table:
       if args.only or extra_args:
         raise UserError('--table prints every row of its file; it takes no --only or -- args')
-      if not os.path.exists(args.table):
+      if not workdir_lib.as_path(args.table).exists():
         raise UserError(f'no such file {args.table!r}')
       print(format_table(read_rows(args.table)))
       return 0
     variants = select_variants(args.only)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
+    if not workdir_lib.as_path(args.out).parent.is_dir() and '://' not in args.out:
       raise UserError(f'the folder of --out {args.out!r} does not exist')
     new_rows = run_sweep(variants, args.out, extra_args, args.timeout, args.skip_done,
                          args.budget)
