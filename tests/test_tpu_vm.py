@@ -224,6 +224,11 @@ FAKE_CLOUD = textwrap.dedent('''\
     elif verb == 'scp':
       os.makedirs(home, exist_ok=True)
       shutil.copy(args[4], os.path.join(home, args[5].split(':', 1)[1]))
+    elif verb == 'ssh' and 'train.py' in args[-2] + args[-3] and os.environ.get('FAKE_TRAIN'):
+      if os.environ['FAKE_TRAIN'] == 'preempted':
+        set_state('PREEMPTED')
+        sys.exit(255)
+      sys.exit(int(os.environ['FAKE_TRAIN']))
     elif verb == 'ssh' and os.environ.get('FAKE_RUN_SSH'):
       command = [a for a in args if a.startswith('--command=')][0][len('--command='):]
       if 'uv pip install' in command:
@@ -284,6 +289,25 @@ def test_a_detached_run_is_resumed_on_demand(tmp_path):
   assert [c[3] for c in calls] == ['describe', 'ssh']
   result, calls = _run_cloud(tmp_path, *base, *sweep, '--resume', '--reuse')
   assert result.returncode == 2 and 'drop --reuse' in result.stderr
+
+
+def test_recreations_are_bounded_and_a_failing_training_is_not_retried(tmp_path):
+  """A VM lost again and again is recreated --max_recreations times, then the launcher gives
+  up (exit 1, pointing at --resume); a training that fails on a live VM (here: diverged, exit
+  3) is not retried, and its status is the launcher's."""
+  result, calls = _run_cloud(tmp_path, *BASE, '--max_recreations', '1',
+                             env={'FAKE_TRAIN': 'preempted'})
+  assert result.returncode == 1
+  assert result.stderr.startswith('error: the VM was lost 2 times') and '--resume' in result.stderr
+  assert [c[3] for c in calls].count('create') == 2 and calls[-1][3] == 'describe'
+
+  result, calls = _run_cloud(tmp_path / 'live', *BASE, '--reuse', state='READY',
+                             env={'FAKE_TRAIN': '3'})
+  assert result.returncode == 3
+  assert result.stderr.strip() == ('error: training on the VM exited with status 3 (the run '
+                                   'diverged; rerunning as it is diverges again); its output '
+                                   'above says more')
+  assert [c[3] for c in calls] == ['describe', 'scp', 'ssh', 'ssh', 'ssh', 'describe']
 
 
 @pytest.mark.slow
