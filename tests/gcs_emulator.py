@@ -1,6 +1,8 @@
 """gcp-storage-emulator on 127.0.0.1, in the test's process, for the gs:// tests.
 
-Two additions, both test-side:
+Three additions, all test-side:
+- connections are accepted by a threaded server (many clients at once: tensorstore and gcsfs
+  open several each), and requests handled one at a time, as the emulator expects;
 - media downloads carry `x-goog-generation` (GCS sends it; the emulator does not, and
   TensorStore's OCDBT manifest updates need it: "Malformed StorageGeneration" without it);
 - `cut(when)`: from the first request for which `when(method, object name)` holds, every
@@ -11,6 +13,8 @@ Two additions, both test-side:
     gcs.names('run/')                     # object names under a prefix
 """
 
+import functools
+import http.server
 import json
 import logging
 import socket
@@ -51,6 +55,21 @@ def _install_generation_header():
   emulator_objects.download = patched
 
 
+_ONE_AT_A_TIME = threading.Lock()
+
+
+def _threaded_run(api_thread):
+  """APIThread.run with a threaded server: every connection is accepted at once."""
+  httpd = http.server.ThreadingHTTPServer(
+      (api_thread._host, api_thread._port),  # pylint: disable=protected-access
+      functools.partial(emulator_server.RequestHandler,
+                        api_thread._storage))  # pylint: disable=protected-access
+  httpd.daemon_threads = True
+  api_thread._httpd = httpd  # pylint: disable=protected-access
+  api_thread.is_running.set()
+  httpd.serve_forever()
+
+
 def _replace_in(table, old, new):
   for item in table:
     if isinstance(item, dict):
@@ -76,6 +95,7 @@ class Emulator:
 
   def __init__(self, bucket_names=('bkt',)):
     _install_generation_header()
+    emulator_server.APIThread.run = _threaded_run
     logging.getLogger('gcp_storage_emulator').setLevel(logging.CRITICAL)  # a 404 is no news
     self.port = free_port()
     self.url = f'http://127.0.0.1:{self.port}'
@@ -104,7 +124,8 @@ class Emulator:
           if live.port == port and live.drops(method, request_handler.path):
             request_handler.close_connection = True
             return  # No answer at all: the client sees the connection close.
-        return original(request_handler)
+        with _ONE_AT_A_TIME:
+          return original(request_handler)
       setattr(handler, f'do_{method}', do)
 
   def drops(self, method, path):

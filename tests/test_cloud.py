@@ -288,8 +288,10 @@ def test_missing_bucket_refused_credentials_and_silent_endpoint_are_one_line(gcs
   argv = [f'{REPO_ROOT}/train.py', *ARGS]
   with _refusing_endpoint() as (refusing, served), _silent_endpoint() as silent:
     cases = {
-        'missing_bucket': (gcs.url, 'gs://no-such-bucket/run', 'does the bucket exist?'),
-        'refused': (refusing, 'gs://bkt/refused', 'refused the credentials (401'),
+        'missing_bucket': (gcs.url, 'gs://no-such-bucket/run',
+                           'the bucket no-such-bucket does not exist'),
+        'refused': (refusing, 'gs://bkt/refused',
+                    'refused the credentials (401 Invalid Credentials)'),
         'silent': (silent, 'gs://bkt/silent', f'no answer from {silent} within'),
     }
 

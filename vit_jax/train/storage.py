@@ -63,16 +63,19 @@ def endpoint():
 
 
 def describe(error):
-  """A short phrase for a storage error: 'no space left on device', 'the bucket ... does not
-  exist', 'credentials refused (401 ...)', 'cannot connect to host:port', ..."""
+  """A short phrase for a storage error: 'no space left on device', 'the bucket B does not
+  exist ...', 'the storage refused the credentials (401 ...)', 'cannot connect to host:port'."""
   code = getattr(error, 'code', None)
   message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-  if isinstance(error, FileNotFoundError) and '/b/' in message and '://' in message:
-    return 'not found (does the bucket exist?)'
+  bucket = re.search(r'/b/([^/?]+)/o(\?|$)', message)  # an upload: the bucket is missing
+  if isinstance(error, FileNotFoundError) and bucket:  # gcsfs names the request's URL
+    return (f'the bucket {bucket.group(1)} does not exist (create it: gcloud storage buckets '
+            f'create gs://{bucket.group(1)})')
   if code in (401, 403) and not isinstance(error, OSError):
-    return f'the storage refused the credentials ({code}: {message})'
+    reason = re.sub(r',\s*40[13]$', '', message)
+    return f'the storage refused the credentials ({code} {reason})'
   if isinstance(error, OSError) and message.startswith('Forbidden'):
-    return f'the storage refused the credentials (403: {message})'
+    return f'the storage refused the credentials (403 {message})'
   if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
     return 'the storage did not answer in time'
   host = getattr(error, 'host', None)

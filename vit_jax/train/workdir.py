@@ -88,7 +88,7 @@ class RunFiles:
       except Exception as e:  # pylint: disable=broad-except
         if not storage.is_fault(e):
           raise
-        raise EnvironmentFault(f'workdir {self} cannot be written ({storage.describe(e)}, at '
+        raise EnvironmentFault(f'workdir {self} cannot be written: {storage.describe(e)} (at '
                                f'{storage.endpoint()})') from None
       return
     probe_dir = self.root

@@ -141,7 +141,7 @@ def load_weights(path, format='auto', timm_model=None, timm_args=None, log=print
   """
   path = os.fspath(path)
   format = _check_format(format, READ_FORMATS, path, writing=False, log=log)
-  if not os.path.exists(path):
+  if '://' not in path and not os.path.exists(path):  # a gs:// workdir is checked as it is read
     raise UserError(f'no such file or directory: {path}')
   if weights is not None and format != 'workdir':
     raise UserError(f"weights={weights!r} chooses between a train.py workdir's EMA and raw "
