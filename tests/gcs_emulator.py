@@ -8,9 +8,11 @@ Three additions, all test-side:
 - `cut(when)`: from the first request for which `when(method, object name)` holds, every
   request is dropped without an answer (a network that went away) until `heal()`.
 
-  with Emulator(['bkt']) as gcs:          # a free port
+  with Emulator(['bkt']) as gcs:          # a free port (or port=...)
     env = gcs.env                         # {'STORAGE_EMULATOR_HOST': 'http://127.0.0.1:PORT'}
     gcs.names('run/')                     # object names under a prefix
+
+From a shell: `python tests/gcs_emulator.py --port 9023 --bucket my-bucket` (until Ctrl-C).
 """
 
 import functools
@@ -93,11 +95,11 @@ def _object_name(path):
 class Emulator:
   """An in-memory emulator with `buckets`, served from a thread of this process."""
 
-  def __init__(self, bucket_names=('bkt',)):
+  def __init__(self, bucket_names=('bkt',), port=None):
     _install_generation_header()
     emulator_server.APIThread.run = _threaded_run
     logging.getLogger('gcp_storage_emulator').setLevel(logging.CRITICAL)  # a 404 is no news
-    self.port = free_port()
+    self.port = port or free_port()
     self.url = f'http://127.0.0.1:{self.port}'
     self.env = {'STORAGE_EMULATOR_HOST': self.url}
     self._server = emulator_server.create_server('127.0.0.1', self.port, in_memory=True)
@@ -180,3 +182,24 @@ class Emulator:
     with urllib.request.urlopen(
         f'{self.url}/download/storage/v1/b/{bucket}/o/{quoted}?alt=media', timeout=30) as r:
       return r.read()
+
+
+def main():
+  """`python tests/gcs_emulator.py [--port 9023] [--bucket my-bucket ...]`: serves until Ctrl-C."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--port', type=int, default=None, help='default: a free port')
+  parser.add_argument('--bucket', action='append', default=None, help='default: bkt')
+  args = parser.parse_args()
+  with Emulator(args.bucket or ['bkt'], port=args.port) as emulator:
+    print(f'STORAGE_EMULATOR_HOST={emulator.url}', flush=True)
+    try:
+      while True:
+        time.sleep(3600)
+    except KeyboardInterrupt:
+      pass
+
+
+if __name__ == '__main__':
+  main()
