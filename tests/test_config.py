@@ -65,6 +65,7 @@ def base(name):
     config.optimizer.name = 'lamb'
     config.schedule.name = 'linear'
     config.pretrained.path = '/weights/vit.npz'
+    config.flexi.patch_sizes = (4, 8)  # A context for flexi.weights and flexi.eval_patch_size.
   elif name == 'mixer_tfds_cached':
     config.model_name = 'Mixer-S/4'
     config.model.update(num_heads=None, mlp_dim=None)
@@ -92,6 +93,8 @@ ALTERNATIVES = {
     'accum_steps': [2], 'model.num_heads': [4], 'model.hidden_size': [64],
     'optimizer.lr_multipliers': ['head=10.0'], 'optimizer.wd_multipliers': ['head=2.0'],
     'optimizer.frozen': ['^embedding/'], 'optimizer.trainable': ['^head/'],
+    'flexi.patch_sizes': [(2, 4), (4, 8)], 'flexi.weights': [(1.0, 3.0)],
+    'flexi.eval_patch_size': [4, 8],
 }
 
 

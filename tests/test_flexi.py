@@ -239,3 +239,81 @@ def test_the_default_model_is_what_it_was_before():
   params['head']['kernel'] = jax.random.normal(jax.random.key(3), params['head']['kernel'].shape)
   np.testing.assert_allclose(model.apply({'params': params}, images), BEFORE_LOGITS, rtol=1e-5,
                              atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training with a patch size per step (vit_jax/train/flexi.py and the loop).
+
+
+def _flexi_quickstart(total_steps, patch_sizes=(2, 4), **flexi_options):
+  """The quickstart (base patch 4 at 16 px), small, with FlexiViT's per-step patch sizes."""
+  from configs import quickstart
+  config = quickstart.get_config()
+  config.model.update(num_layers=2, hidden_size=32, mlp_dim=64, num_heads=2)
+  config.update(total_steps=total_steps, batch_size=32, log_every=1, eval_every=0,
+                checkpoint_every=0, plot_every_eval=False)
+  config.schedule.warmup_steps = 10
+  config.flexi.patch_sizes = patch_sizes
+  config.flexi.update(flexi_options)
+  return config
+
+
+def test_a_flexi_run_compiles_one_step_per_patch_size_and_evaluates_at_each(tmp_path):
+  import json
+  from vit_jax.train import loop
+  lines = []
+  final = loop.train_and_evaluate(_flexi_quickstart(300), str(tmp_path / 'run'),
+                                  log=lambda *a, **k: lines.append(' '.join(map(str, a))))
+  assert any('compiled 2 train steps, one per patch size 2, 4' in line for line in lines), lines
+  # Each size evaluated; test_accuracy is the eval patch size's (the model's own 4 by default).
+  for size in (2, 4):
+    assert 0.5 < final[f'test_accuracy_p{size}'] <= 1.0, final  # Far above chance (0.1).
+    assert f'test_loss_p{size}' in final
+  assert final['test_accuracy'] == final['test_accuracy_p4']
+  assert final['test_loss'] == final['test_loss_p4']
+  # Both sizes trained: every step logs its size, and both were drawn.
+  with open(tmp_path / 'run' / 'metrics.jsonl') as f:
+    rows = [json.loads(line) for line in f]
+  drawn = [row['patch_size'] for row in rows if 'train_loss' in row]
+  assert len(drawn) == 300 and set(drawn) == {2, 4}
+
+
+def test_patch_sizes_are_drawn_by_weight_from_the_step_alone():
+  from vit_jax.train import config as config_lib
+  from vit_jax.train import flexi as train_flexi
+  config = config_lib.resolve(_flexi_quickstart(100, patch_sizes=(2, 4, 8), weights=(1, 0, 3)))
+  draws = [train_flexi.patch_size_at(config, step) for step in range(1, 2001)]
+  assert set(draws) == {2, 8}  # Weight 0: never drawn.
+  assert 0.70 < draws.count(8) / len(draws) < 0.80  # 3 to 1.
+  # A function of (seed, step): a resumed run draws what an uninterrupted one did.
+  assert draws[500:] == [train_flexi.patch_size_at(config, step) for step in range(501, 2001)]
+  assert config.flexi.eval_patch_size == 4  # The model's own patch, stated in config.json.
+  assert train_flexi.eval_patch_sizes(config) == (2, 4, 8)
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(patch_sizes=(3, 4)), 'patch size 3 does not divide image_size=16'),
+    (dict(patch_sizes=(2, 4), weights=(1,)), 'weights=.* one number >= 0 per patch size'),
+    (dict(patch_sizes=(2, 2)), 'lists a size twice'),
+    (dict(patch_sizes=(), weights=(1, 2)), 'weights=.* has no effect without'),
+    (dict(patch_sizes=(), eval_patch_size=4), 'eval_patch_size=4 has no effect'),
+    (dict(patch_sizes=(2, 4), eval_patch_size=3), 'eval_patch_size: patch size 3 does not'),
+])
+def test_bad_flexi_settings_are_one_line_errors(change, message):
+  from vit_jax.errors import UserError
+  from vit_jax.train import config as config_lib
+  config = _flexi_quickstart(10)
+  config.flexi.update(change)
+  with pytest.raises(UserError, match=message) as error:
+    config_lib.resolve(config)
+  assert '\n' not in str(error.value)
+
+
+def test_flexi_needs_a_plain_vit():
+  from vit_jax.errors import UserError
+  from vit_jax.train import config as config_lib
+  config = _flexi_quickstart(10)
+  config.model_name = 'Mixer-S/4'
+  config.model.update(num_heads=None, mlp_dim=None, classifier=None)
+  with pytest.raises(UserError, match="needs a plain ViT; model_name='Mixer-S/4'"):
+    config_lib.resolve(config)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import models
+from vit_jax.train import flexi
 from vit_jax.train import optim
 from vit_jax.train import sharding
 from vit_jax.train import step as step_lib
@@ -56,24 +57,36 @@ def state_initializer(config, model, tx, mesh):
 
 
 def step_functions(config, model, tx, schedule, num_classes, mesh, state_shardings):
-  """`(train_fn, eval_fn)`: the jitted steps, sharded over `mesh`, the train state donated."""
-  settings = step_lib.StepSettings(
-      image_size=config.image_size, num_classes=num_classes, seed=config.seed,
-      accum_steps=config.accum_steps, mixup_alpha=config.aug.mixup_alpha,
-      cutmix_alpha=config.aug.cutmix_alpha, label_smoothing=config.aug.label_smoothing,
-      ema_decay=config.optimizer.ema_decay, prng_impl=config.prng_impl)
+  """`(train_fns, eval_fns)`: the jitted steps, sharded over `mesh`, the train state donated.
+
+  Each is a dict from patch size to step: FlexiViT's sizes (`vit_jax.train.flexi`), or the one
+  key None (the model's own patch size).
+  """
   batch_sharding = sharding.batch_sharding(mesh)
-  train_fn = jax.jit(
-      functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule,
-                        settings=settings),
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=(0,))
-  eval_fn = jax.jit(
-      functools.partial(step_lib.eval_step, model=model, image_size=config.image_size),
-      in_shardings=(state_shardings.params, batch_sharding),
-      out_shardings=sharding.replicated(mesh))
-  return train_fn, eval_fn
+
+  def train_fn(patch_size):
+    settings = step_lib.StepSettings(
+        image_size=config.image_size, num_classes=num_classes, seed=config.seed,
+        accum_steps=config.accum_steps, mixup_alpha=config.aug.mixup_alpha,
+        cutmix_alpha=config.aug.cutmix_alpha, label_smoothing=config.aug.label_smoothing,
+        ema_decay=config.optimizer.ema_decay, prng_impl=config.prng_impl,
+        patch_size=patch_size)
+    return jax.jit(
+        functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule,
+                          settings=settings),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,))
+
+  def eval_fn(patch_size):
+    return jax.jit(
+        functools.partial(step_lib.eval_step, model=model, image_size=config.image_size,
+                          patch_size=patch_size),
+        in_shardings=(state_shardings.params, batch_sharding),
+        out_shardings=sharding.replicated(mesh))
+
+  return ({size: train_fn(size) for size in flexi.train_patch_sizes(config)},
+          {size: eval_fn(size) for size in flexi.eval_patch_sizes(config)})
 
 
 class Parts(NamedTuple):
@@ -86,8 +99,20 @@ class Parts(NamedTuple):
   init_key: Any            # the config's seed as a key of its prng_impl
   abstract_state: Any      # shapes, dtypes and shardings of the TrainState
   state_shardings: Any
-  train_fn: Any            # jitted (state, batch) -> (state, metrics), the state donated
-  eval_fn: Any             # jitted (params, batch) -> metrics
+  train_fns: Any           # {patch size: jitted (state, batch) -> (state, metrics)}, the state
+                           # donated; the one key None unless FlexiViT trains several sizes
+  eval_fns: Any            # {patch size: jitted (params, batch) -> metrics}, likewise
+  eval_patch_size: Any     # the key of `train_fn` and `eval_fn`
+
+  @property
+  def train_fn(self):
+    """The train step at the eval patch size (the only one without FlexiViT)."""
+    return self.train_fns.get(self.eval_patch_size, next(iter(self.train_fns.values())))
+
+  @property
+  def eval_fn(self):
+    """The eval step at the eval patch size (the only one without FlexiViT)."""
+    return self.eval_fns[self.eval_patch_size]
 
   def new_state(self):
     """A freshly initialised TrainState, laid out on the mesh."""
@@ -100,11 +125,12 @@ def parts(config, num_classes, mesh=None, **model_overrides):
   model = model_from_config(config, num_classes, **model_overrides)
   tx, schedule = optim.create_optimizer(config, abstract_params(config, model))
   init_state, abstract_state, state_shardings = state_initializer(config, model, tx, mesh)
-  train_fn, eval_fn = step_functions(config, model, tx, schedule, num_classes, mesh,
-                                     state_shardings)
+  train_fns, eval_fns = step_functions(config, model, tx, schedule, num_classes, mesh,
+                                       state_shardings)
+  eval_patch_size = config.flexi.eval_patch_size if flexi.enabled(config) else None
   return Parts(mesh, model, tx, schedule, init_state,
                jax.random.key(config.seed, impl=config.prng_impl), abstract_state,
-               state_shardings, train_fn, eval_fn)
+               state_shardings, train_fns, eval_fns, eval_patch_size)
 
 
 def abstract_batch(config, size, with_mask=False):

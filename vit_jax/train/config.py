@@ -116,6 +116,19 @@ def defaults():
   config.model = model_keys()
   config.image_size = 224          # the resolution the model sees (resized on the device)
 
+  # FlexiViT (Beyer et al. 2023; vit_jax/train/flexi.py): each train step runs at a patch size
+  # drawn from `patch_sizes` (by `weights`; one compiled step per size). What is stored is the
+  # base: the patch-embedding kernel at the model's own patch size and the learned position
+  # table on the grid that patch gives at image_size; each step PI-resizes the kernel and
+  # resizes the table bilinearly to its own patch size. ViTs only (not hybrids or Mixers).
+  config.flexi = ml_collections.ConfigDict(dict(
+      patch_sizes=(),              # square patch sides, e.g. (8, 10, 12, 16); (): off
+      weights=(),                  # the chance of each patch size, any scale; (): uniform
+      # the eval's test_accuracy and test_loss (each listed size also gets test_accuracy_p<k>
+      # and test_loss_p<k>); with patch_sizes (default: the model's own patch side)
+      eval_patch_size=placeholder(int),
+  ))
+
   # Data (vit_jax/data). source: tfds | folder | digits.
   config.data = ml_collections.ConfigDict(dict(
       source='tfds',
@@ -255,6 +268,46 @@ def _resolve_model(config):
   return {key: (value.name if hasattr(value, 'name') and key.endswith('dtype') else
                 list(value) if isinstance(value, tuple) else value)
           for key, value in fields.items()}
+
+
+def _resolve_flexi(config, model_fields):
+  """FlexiViT's patch sizes: each divides the image, a weight each, an eval size."""
+  flexi = config.flexi
+  sizes, weights = tuple(flexi.patch_sizes or ()), tuple(flexi.weights or ())
+  if not sizes:
+    if weights:
+      raise UserError(f'flexi.weights={weights} has no effect without flexi.patch_sizes; '
+                      'remove it')
+    _only_with(flexi, 'eval_patch_size', (False, 'without flexi.patch_sizes'), None)
+    flexi.patch_sizes, flexi.weights = (), ()
+    return
+  family = models.decode_name(config.model_name)[0]
+  if family is not models.VisionTransformer or model_fields.get('resnet_layers'):
+    raise UserError(f'flexi.patch_sizes needs a plain ViT; model_name={config.model_name!r} '
+                    'has no patch embedding to resize')
+  if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+    raise UserError(f'flexi.patch_sizes={sizes} must be positive integers (square patches), '
+                    'e.g. (8, 12, 16)')
+  if len(set(sizes)) != len(sizes):
+    raise UserError(f'flexi.patch_sizes={sizes} lists a size twice; use flexi.weights to draw '
+                    'one more often')
+  if weights and (len(weights) != len(sizes) or any(not w >= 0 for w in weights)
+                  or not sum(weights) > 0):
+    raise UserError(f'flexi.weights={weights} must be one number >= 0 per patch size '
+                    f'{sizes}, not all 0')
+  patch_h, patch_w = model_fields['patch_size']
+  if patch_h != patch_w:
+    raise UserError(f'flexi.patch_sizes needs a square base patch; {config.model_name} has '
+                    f'{patch_h}x{patch_w}')
+  _only_with(flexi, 'eval_patch_size', (True, ''), patch_h)
+  for key, values in (('flexi.patch_sizes', sizes), ('flexi.eval_patch_size',
+                                                      (flexi.eval_patch_size,))):
+    for size in values:
+      if size < 1 or config.image_size % size:
+        raise UserError(f'{key}: patch size {size} does not divide image_size='
+                        f'{config.image_size}')
+  flexi.patch_sizes = sizes
+  flexi.weights = tuple(float(w) for w in weights)
 
 
 def _resolve_data(config, process_count):
@@ -434,6 +487,7 @@ def resolve(config, device_count=None, process_count=1):
   _check_devices(config, device_count or 1, check_mesh=device_count is not None)
 
   model_fields = _resolve_model(config)
+  _resolve_flexi(config, model_fields)
   _resolve_data(config, process_count)
   _resolve_optimizer(config)
   _resolve_pretrained(config.pretrained)

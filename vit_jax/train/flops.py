@@ -118,12 +118,18 @@ def model_flops_per_step(config, num_classes, eval_batch_size=None):
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
   from vit_jax.train import build  # pylint: disable=g-import-not-at-top
+  from vit_jax.train import flexi  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())  # An unlocked copy to change.
   config.accum_steps = 1
   run_parts = build.parts(config, num_classes, **REFERENCE_MODEL_OVERRIDES)
   state = run_parts.abstract_state
   eval_batch_size = eval_batch_size or config.eval_batch_size
-  train = run_parts.train_fn.lower(state, build.abstract_batch(config, config.batch_size))
+  train_batch = build.abstract_batch(config, config.batch_size)
+  # FlexiViT: the mean over the patch sizes a step draws (the eval: at the eval patch size).
+  per_size = [(chance, compiled_flops(run_parts.train_fns[size].lower(state, train_batch)))
+              for size, chance in flexi.probabilities(config).items()]
+  train = (None if any(flops is None for _, flops in per_size)
+           else sum(chance * flops for chance, flops in per_size))
   evaluate = run_parts.eval_fn.lower(
       state.params, build.abstract_batch(config, eval_batch_size, with_mask=True))
-  return compiled_flops(train), compiled_flops(evaluate)
+  return train, compiled_flops(evaluate)

@@ -21,6 +21,7 @@ from vit_jax.train import checkpoint as checkpoint_lib
 from vit_jax.train import config as config_lib
 from vit_jax.train import curves
 from vit_jax.train import evaluate as evaluate_lib
+from vit_jax.train import flexi
 from vit_jax.train import flops as flops_lib
 from vit_jax.train import out_of_memory
 from vit_jax.train import metrics as metrics_lib
@@ -58,12 +59,17 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
 
   # Compiled once, ahead of time, on the first batch (the loop can never trigger a recompile),
   # and before anything is written: a step that does not fit the device changes nothing.
+  # FlexiViT compiles one step per patch size.
   batches = prefetch.device_prefetch(datasets.train_batches(start_step), run.mesh,
                                      config.data.prefetch_batches)
   first_batch = next(batches)
   compile_start = time.perf_counter()
   with out_of_memory.explained(config, 'the train step'):
-    train_step = run.train_fn.lower(state, first_batch).compile()
+    train_steps = {patch_size: train_fn.lower(state, first_batch).compile()
+                   for patch_size, train_fn in run.train_fns.items()}
+  if flexi.enabled(config):
+    log(f'compiled {len(train_steps)} train steps, one per patch size '
+        f'{", ".join(map(str, train_steps))}, in {time.perf_counter() - compile_start:.1f} s')
   batches = itertools.chain([first_batch], batches)
 
   if is_main:
@@ -76,7 +82,7 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
   check_finite = lambda fetched: _stop_if_diverged(fetched, config, checkpointer)
   final_metrics = {}
   try:
-    eval_step = None  # Compiled at the first eval, when its batch shape is known.
+    eval_steps = None  # Compiled at the first eval, when its batch shape is known.
     log(f'workdir {files}: training {config.model_name} for steps {start_step}..'
         f'{config.total_steps} on {jax.device_count()} {jax.devices()[0].platform} device(s) '
         f'(mesh {dict(run.mesh.shape)})')
@@ -84,7 +90,8 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
                                      writer, progress, check_finite)
 
     for step in range(start_step + 1, config.total_steps + 1):
-      state, step_metrics = train_step(state, next(batches))
+      patch_size = flexi.patch_size_at(config, step)
+      state, step_metrics = train_steps[patch_size](state, next(batches))
       if step == start_step + 1:
         with out_of_memory.explained(config, 'the train step'):
           jax.block_until_ready(step_metrics)
@@ -95,17 +102,22 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
       is_last = step == config.total_steps
       stopping_now = stop_request.signal_name is not None or step == stop_at_step
       if step % config.log_every == 0 or is_last:
-        train_log.hold(step, step_metrics)
+        train_log.hold(step, step_metrics if patch_size is None else
+                       dict(step_metrics, patch_size=patch_size))
 
       if (config.eval_every and step % config.eval_every == 0) or is_last:
         check_finite({'first_nonfinite_step': state.first_nonfinite_step})
         eval_params = state.ema_params if state.ema_params is not None else state.params
-        if eval_step is None:
+        if eval_steps is None:
           eval_batch = sharding.global_batch(next(iter(datasets.eval_batches())), run.mesh)
           with out_of_memory.explained(config, 'the eval step'):
-            eval_step = run.eval_fn.lower(eval_params, eval_batch).compile()
-        eval_metrics = evaluate_lib.evaluate(eval_step, eval_params, datasets, run.mesh,
-                                             num_classes)
+            eval_steps = {patch_size: eval_fn.lower(eval_params, eval_batch).compile()
+                          for patch_size, eval_fn in run.eval_fns.items()}
+        eval_metrics = {}
+        for patch_size, eval_step in eval_steps.items():
+          eval_metrics.update(flexi.metric_names(
+              evaluate_lib.evaluate(eval_step, eval_params, datasets, run.mesh, num_classes),
+              patch_size, run.eval_patch_size))
         writer.write(step, eval_metrics)
         writer.flush()
         final_metrics = dict(eval_metrics, step=step)

@@ -7,7 +7,7 @@ draws exactly the numbers an uninterrupted one would.
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import flax
 import jax
@@ -40,6 +40,12 @@ class StepSettings:
   label_smoothing: float = 0.0
   ema_decay: float = 0.0
   prng_impl: str = 'threefry2x32'  # jax.random.key's impl: threefry2x32 | rbg | unsafe_rbg
+  patch_size: Optional[int] = None  # FlexiViT: the patch side of this step; None: the model's
+
+
+def _patch_size_kwargs(patch_size):
+  """The model's `patch_size` argument, passed only when FlexiViT sets one (a Mixer has none)."""
+  return {} if patch_size is None else {'patch_size': (patch_size, patch_size)}
 
 
 def create_train_state(params, tx, ema_decay):
@@ -81,7 +87,8 @@ def train_step(state, batch, *, model, tx, schedule, settings):
       settings.mixup_alpha, settings.cutmix_alpha, settings.label_smoothing)
 
   def loss_fn(params, micro_images, micro_targets, key):
-    logits = model.apply({'params': params}, micro_images, train=True, rngs={'dropout': key})
+    logits = model.apply({'params': params}, micro_images, train=True, rngs={'dropout': key},
+                         **_patch_size_kwargs(settings.patch_size))
     return cross_entropy(logits, micro_targets)
 
   grad_fn = jax.value_and_grad(loss_fn)
@@ -148,10 +155,14 @@ def train_step(state, batch, *, model, tx, schedule, settings):
   return new_state, metrics
 
 
-def eval_step(params, batch, *, model, image_size):
-  """Sums over one padded eval batch: loss, top-1 and top-5 hits, and the real-example count."""
+def eval_step(params, batch, *, model, image_size, patch_size=None):
+  """Sums over one padded eval batch: loss, top-1 and top-5 hits, and the real-example count.
+
+  `patch_size`: FlexiViT's patch side to evaluate at; None: the model's own.
+  """
   images = device_data.preprocess(batch['images'], image_size)
-  logits = model.apply({'params': params}, images, train=False).astype(jnp.float32)
+  logits = model.apply({'params': params}, images, train=False,
+                       **_patch_size_kwargs(patch_size)).astype(jnp.float32)
   labels, mask = batch['labels'], batch['mask']
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   loss = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
