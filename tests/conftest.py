@@ -97,3 +97,25 @@ def tiny_reference(tmp_path_factory, compile_cache):
   state = checkpoint.restore_train_state(workdir)
   assert int(state.step) == TINY_STEPS
   return workdir, checkpoint.tree_digest(state)
+
+
+@pytest.fixture(scope='session')
+def trained_quickstart(tmp_path_factory, worker_id):
+  """The README's first command, trained once per test session: `(workdir, train.py's stdout)`.
+
+  The 1,500-step run is the slowest thing the suite does, and several tests need a trained
+  model (its accuracy, a distillation teacher, frozen features): the pytest-xdist workers share
+  one run through a lock in their common temporary folder. Read-only: copy it to change it.
+  """
+  import filelock  # pylint: disable=g-import-not-at-top
+  base = tmp_path_factory.getbasetemp()
+  shared = base if worker_id == 'master' else base.parent  # One session's, never an older one's.
+  workdir = shared / 'trained_quickstart'
+  stdout = shared / 'trained_quickstart.stdout'
+  with filelock.FileLock(str(shared / 'trained_quickstart.lock')):
+    if not stdout.exists():
+      result = run_train(['--config', 'configs/quickstart.py', '--workdir', str(workdir)],
+                         timeout=1200)
+      assert result.returncode == 0, result.stderr[-3000:]
+      stdout.write_text(result.stdout)
+  return str(workdir), stdout.read_text()
