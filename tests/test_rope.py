@@ -193,3 +193,34 @@ def test_rope_needs_a_head_width_divisible_by_4():
     models.create_model('ViT-B/16', 3, posemb='rope', hidden_size=24, num_heads=4)
   for posemb in ('rope', 'rope_mixed', 'learn+rope', 'learn+rope_mixed'):
     assert models.model_kwargs('ViT-S/16', 3, posemb=posemb)['posemb'] == posemb
+
+
+@pytest.mark.slow
+def test_a_rope_quickstart_reaches_97_percent_and_runs_at_another_resolution(tmp_path):
+  """The README's quickstart with `model.posemb=rope`, the usual 1,500 steps; then its weights
+  at 24 px (a 6x6 grid where it trained on 4x4), with no weight surgery."""
+  import json
+  import os
+  from conftest import run_train
+  from vit_jax import restore
+  from vit_jax.data import device, digits
+  workdir = str(tmp_path / 'rope')
+  result = run_train(['--config', 'configs/quickstart.py', '--config.model.posemb=rope',
+                      '--workdir', workdir], timeout=1200)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, 'final_metrics.json')) as f:
+    final = json.load(f)
+  assert final['step'] == 1500 and final['test_accuracy'] >= 0.97, final
+
+  model, params, config = restore(workdir)
+  assert config.model_fields['posemb'] == 'rope'
+  assert 'posembed_input' not in params['Transformer']  # RoPE only: no table to resize.
+  test_split = digits.load('test')
+  at_training_size = model.apply(
+      {'params': params}, device.preprocess(jnp.asarray(test_split.pixels), 16))
+  accuracy = float(np.mean(np.argmax(at_training_size, -1) == test_split.labels))
+  assert accuracy == pytest.approx(final['test_accuracy'], abs=1e-6)
+  at_24px = model.apply({'params': params}, device.preprocess(jnp.asarray(test_split.pixels), 24))
+  assert at_24px.shape == (360, 10) and np.all(np.isfinite(at_24px))
+  # Not trained for it, yet it still reads digits (chance is 10%).
+  assert float(np.mean(np.argmax(at_24px, -1) == test_split.labels)) > 0.3
