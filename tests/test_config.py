@@ -66,6 +66,7 @@ def base(name):
     config.schedule.name = 'linear'
     config.pretrained.path = '/weights/vit.npz'
     config.flexi.patch_sizes = (4, 8)  # A context for flexi.weights and flexi.eval_patch_size.
+    config.distill.update(teacher='/weights/teacher.npz', kind='soft')  # For the distill keys.
   elif name == 'mixer_tfds_cached':
     config.model_name = 'Mixer-S/4'
     config.model.update(num_heads=None, mlp_dim=None)
@@ -95,6 +96,8 @@ ALTERNATIVES = {
     'optimizer.frozen': ['^embedding/'], 'optimizer.trainable': ['^head/'],
     'flexi.patch_sizes': [(2, 4), (4, 8)], 'flexi.weights': [(1.0, 3.0)],
     'flexi.eval_patch_size': [4, 8],
+    'distill.teacher': ['/weights/other_teacher.npz'], 'distill.teacher_format': ['npz'],
+    'distill.teacher_model': ['ViT-B/16'], 'distill.kind': ['hard', 'soft'],
 }
 
 

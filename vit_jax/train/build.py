@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import models
+from vit_jax.train import distill
 from vit_jax.train import flexi
 from vit_jax.train import optim
 from vit_jax.train import sharding
@@ -56,13 +57,24 @@ def state_initializer(config, model, tx, mesh):
   return init_state, abstract_state, state_shardings
 
 
-def step_functions(config, model, tx, schedule, num_classes, mesh, state_shardings):
+def step_functions(config, model, tx, schedule, num_classes, mesh, state_shardings,
+                   teacher=None):
   """`(train_fns, eval_fns)`: the jitted steps, sharded over `mesh`, the train state donated.
 
   Each is a dict from patch size to step: FlexiViT's sizes (`vit_jax.train.flexi`), or the one
-  key None (the model's own patch size).
+  key None (the model's own patch size). With a `teacher` (`vit_jax.train.distill.Teacher`,
+  its params abstract or not) a train step takes its params as a third argument, sharded as
+  the student's are.
   """
   batch_sharding = sharding.batch_sharding(mesh)
+  distill_settings, teacher_args = {}, {}
+  in_shardings = (state_shardings, batch_sharding)
+  if teacher is not None:
+    distill_settings = dict(distill_kind=config.distill.kind,
+                            distill_alpha=config.distill.alpha,
+                            distill_temperature=config.distill.temperature or 1.0)
+    teacher_args = dict(teacher_model=teacher.model)
+    in_shardings += (sharding.state_shardings(mesh, teacher.params),)
 
   def train_fn(patch_size):
     settings = step_lib.StepSettings(
@@ -70,11 +82,11 @@ def step_functions(config, model, tx, schedule, num_classes, mesh, state_shardin
         accum_steps=config.accum_steps, mixup_alpha=config.aug.mixup_alpha,
         cutmix_alpha=config.aug.cutmix_alpha, label_smoothing=config.aug.label_smoothing,
         ema_decay=config.optimizer.ema_decay, prng_impl=config.prng_impl,
-        patch_size=patch_size)
+        patch_size=patch_size, **distill_settings)
     return jax.jit(
         functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule,
-                          settings=settings),
-        in_shardings=(state_shardings, batch_sharding),
+                          settings=settings, **teacher_args),
+        in_shardings=in_shardings,
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,))
 
@@ -119,14 +131,20 @@ class Parts(NamedTuple):
     return jax.jit(self.init_state, out_shardings=self.state_shardings)(self.init_key)
 
 
-def parts(config, num_classes, mesh=None, **model_overrides):
-  """`Parts` for `config` with a `num_classes` head; `mesh` defaults to `config.mesh`'s."""
+def parts(config, num_classes, mesh=None, teacher=None, **model_overrides):
+  """`Parts` for `config` with a `num_classes` head; `mesh` defaults to `config.mesh`'s.
+
+  `teacher`: the distillation teacher (`vit_jax.train.distill.load_teacher`), when
+  `config.distill.teacher` is set; its train steps then take the teacher's params third.
+  """
+  if (teacher is not None) != distill.enabled(config):
+    raise ValueError('build.parts needs the teacher exactly when config.distill.teacher is set')
   mesh = mesh or sharding.create_mesh(config.mesh)
   model = model_from_config(config, num_classes, **model_overrides)
   tx, schedule = optim.create_optimizer(config, abstract_params(config, model))
   init_state, abstract_state, state_shardings = state_initializer(config, model, tx, mesh)
   train_fns, eval_fns = step_functions(config, model, tx, schedule, num_classes, mesh,
-                                       state_shardings)
+                                       state_shardings, teacher)
   eval_patch_size = config.flexi.eval_patch_size if flexi.enabled(config) else None
   return Parts(mesh, model, tx, schedule, init_state,
                jax.random.key(config.seed, impl=config.prng_impl), abstract_state,

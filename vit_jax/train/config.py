@@ -42,6 +42,7 @@ SOURCES = ('tfds', 'folder', 'digits')
 CROPS = ('resize', 'random_crop', 'inception_crop')
 NAN_POLICIES = ('stop', 'skip')
 SCHEDULES = ('cosine', 'linear', 'rsqrt', 'constant')
+DISTILL_KINDS = ('hard', 'soft')
 # Each optimizer's own keys and their defaults; a key of another optimizer is an error.
 OPTIMIZER_KEYS = {
     'sgd': {'momentum': 0.9},
@@ -196,6 +197,18 @@ def defaults():
       end_lr=placeholder(float),   # cosine, linear: the rate at total_steps (default 0)
   ))
 
+  # Distillation (DeiT; vit_jax/train/distill.py): a frozen teacher's predictions as a second
+  # target, through the distillation token (model.distilled=True) or else the one head.
+  config.distill = ml_collections.ConfigDict(dict(
+      teacher=placeholder(str),    # any checkpoint vit_jax.weights reads; None: off
+      teacher_format=placeholder(str),  # with teacher: auto (default) or a vit_jax.weights format
+      teacher_model=placeholder(str),   # with teacher: its model name, for a file that does not
+                                        # describe its model (.npz); else the file's own
+      kind=placeholder(str),       # with teacher: hard (default; DeiT's) | soft
+      alpha=placeholder(float),    # with teacher: the teacher term's weight (default 0.5)
+      temperature=placeholder(float),  # soft only (default 1.0)
+  ))
+
   # Initialise from a pretrained checkpoint (npz, HF dir, timm, workdir). The head is
   # re-initialised for the new classes, position embeddings resized to the new grid.
   config.pretrained = ml_collections.ConfigDict(dict(
@@ -279,7 +292,7 @@ def _resolve_flexi(config, model_fields):
       raise UserError(f'flexi.weights={weights} has no effect without flexi.patch_sizes; '
                       'remove it')
     _only_with(flexi, 'eval_patch_size', (False, 'without flexi.patch_sizes'), None)
-    flexi.patch_sizes, flexi.weights = (), ()
+    _set_flexi(config, (), (), None)
     return
   family = models.decode_name(config.model_name)[0]
   if family is not models.VisionTransformer or model_fields.get('resnet_layers'):
@@ -306,8 +319,15 @@ def _resolve_flexi(config, model_fields):
       if size < 1 or config.image_size % size:
         raise UserError(f'{key}: patch size {size} does not divide image_size='
                         f'{config.image_size}')
-  flexi.patch_sizes = sizes
-  flexi.weights = tuple(float(w) for w in weights)
+  _set_flexi(config, sizes, tuple(float(w) for w in weights), flexi.eval_patch_size)
+
+
+def _set_flexi(config, patch_sizes, weights, eval_patch_size):
+  # A new section, not assignments into the old one: a section read from config.json holds
+  # lists, and assigning a tuple to a list-typed key would keep a list (() != [] when compared).
+  config.flexi = ml_collections.ConfigDict(dict(
+      patch_sizes=patch_sizes, weights=weights, eval_patch_size=placeholder(int)))
+  config.flexi.eval_patch_size = eval_patch_size
 
 
 def _resolve_data(config, process_count):
@@ -452,6 +472,28 @@ def _resolve_pretrained(pretrained):
     _choice('pretrained.format', pretrained.format, ('auto',) + convert.READ_FORMATS)
 
 
+def _resolve_distill(distill):
+  has_teacher = (distill.teacher is not None, 'without distill.teacher')
+  _only_with(distill, 'teacher_format', has_teacher, 'auto')
+  _only_with(distill, 'teacher_model', has_teacher, None)
+  _only_with(distill, 'kind', has_teacher, 'hard')
+  _only_with(distill, 'alpha', has_teacher, 0.5)
+  if distill.kind is not None:
+    _choice('distill.kind', distill.kind, DISTILL_KINDS)
+  _only_with(distill, 'temperature', (distill.kind == 'soft', f'with distill.kind={distill.kind}'
+                                      if distill.kind else 'without distill.teacher'), 1.0)
+  if distill.teacher_format is not None:
+    from vit_jax.weights import convert  # Only the format names.
+    _choice('distill.teacher_format', distill.teacher_format, ('auto',) + convert.READ_FORMATS)
+  if distill.teacher_model is not None:
+    models.decode_name(distill.teacher_model)  # A UserError naming the valid names.
+  if distill.alpha is not None and not 0.0 <= distill.alpha <= 1.0:
+    raise UserError(f'distill.alpha={distill.alpha} must be in [0, 1] (the teacher term\'s '
+                    'weight; DeiT uses 0.5)')
+  if distill.temperature is not None and not distill.temperature > 0:
+    raise UserError(f'distill.temperature={distill.temperature} must be positive')
+
+
 def resolve(config, device_count=None, process_count=1):
   """Checks `config` once and fills every default that depends on a choice.
 
@@ -491,6 +533,7 @@ def resolve(config, device_count=None, process_count=1):
   _resolve_data(config, process_count)
   _resolve_optimizer(config)
   _resolve_pretrained(config.pretrained)
+  _resolve_distill(config.distill)
   config.model_fields = model_fields
   return ml_collections.FrozenConfigDict(config)
 

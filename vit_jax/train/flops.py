@@ -107,26 +107,33 @@ def analytic_vit_flops(model_kwargs, image_size):
 REFERENCE_MODEL_OVERRIDES = dict(scan=False, remat_policy='none')
 
 
-def model_flops_per_step(config, num_classes, eval_batch_size=None):
+def model_flops_per_step(config, num_classes, eval_batch_size=None, teacher=None):
   """(train, eval) model FLOPs of one global step of a resolved `config`, from XLA's cost
   analysis.
 
   The trainer's steps are lowered (not compiled: this takes seconds) on abstract arrays, for
   the model without scan or remat and without gradient accumulation, so every layer and
   micro-batch is counted once and no recomputation is counted. The figures are global (the
-  whole batch); divide by the device count for one device's share.
+  whole batch); divide by the device count for one device's share. A distilling run's train
+  step counts its `teacher`'s forward too (`vit_jax.train.distill.Teacher`, params abstract or
+  not); without one, the student's work alone.
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
   from vit_jax.train import build  # pylint: disable=g-import-not-at-top
   from vit_jax.train import flexi  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())  # An unlocked copy to change.
   config.accum_steps = 1
-  run_parts = build.parts(config, num_classes, **REFERENCE_MODEL_OVERRIDES)
+  if teacher is None:
+    config.distill.teacher = None
+  run_parts = build.parts(config, num_classes, teacher=teacher, **REFERENCE_MODEL_OVERRIDES)
   state = run_parts.abstract_state
+  teacher_args = () if teacher is None else (jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), teacher.params),)
   eval_batch_size = eval_batch_size or config.eval_batch_size
   train_batch = build.abstract_batch(config, config.batch_size)
   # FlexiViT: the mean over the patch sizes a step draws (the eval: at the eval patch size).
-  per_size = [(chance, compiled_flops(run_parts.train_fns[size].lower(state, train_batch)))
+  per_size = [(chance, compiled_flops(run_parts.train_fns[size].lower(state, train_batch,
+                                                                      *teacher_args)))
               for size, chance in flexi.probabilities(config).items()]
   train = (None if any(flops is None for _, flops in per_size)
            else sum(chance * flops for chance, flops in per_size))

@@ -20,6 +20,7 @@ from vit_jax.train import build
 from vit_jax.train import checkpoint as checkpoint_lib
 from vit_jax.train import config as config_lib
 from vit_jax.train import curves
+from vit_jax.train import distill
 from vit_jax.train import evaluate as evaluate_lib
 from vit_jax.train import flexi
 from vit_jax.train import flops as flops_lib
@@ -49,8 +50,14 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
   # Data → model, optimizer and steps → state. Nothing is written until all of them worked.
   datasets = data_lib.create_datasets(config, jax.process_index(), jax.process_count())
   num_classes = datasets.num_classes
-  run = build.parts(config, num_classes)
+  teacher = distill.load_teacher(config, num_classes, log) if distill.enabled(config) else None
+  run = build.parts(config, num_classes, teacher=teacher)
   state = _initial_state(config, run, files, num_classes, log)
+  # A train step's arguments after (state, batch): the teacher's params, laid out as the
+  # student's are, when distilling.
+  step_args = () if teacher is None else (jax.jit(
+      lambda params: params,
+      out_shardings=sharding.state_shardings(run.mesh, teacher.params))(teacher.params),)
   log(sharding.describe(state.params))
   start_step = int(jax.device_get(state.step))
   if start_step >= config.total_steps and files.is_finished():
@@ -65,7 +72,7 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
   first_batch = next(batches)
   compile_start = time.perf_counter()
   with out_of_memory.explained(config, 'the train step'):
-    train_steps = {patch_size: train_fn.lower(state, first_batch).compile()
+    train_steps = {patch_size: train_fn.lower(state, first_batch, *step_args).compile()
                    for patch_size, train_fn in run.train_fns.items()}
   if flexi.enabled(config):
     log(f'compiled {len(train_steps)} train steps, one per patch size '
@@ -86,12 +93,13 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
     log(f'workdir {files}: training {config.model_name} for steps {start_step}..'
         f'{config.total_steps} on {jax.device_count()} {jax.devices()[0].platform} device(s) '
         f'(mesh {dict(run.mesh.shape)})')
-    train_log = metrics_lib.TrainLog(config.batch_size, _flops_per_device(config, num_classes),
+    train_log = metrics_lib.TrainLog(config.batch_size,
+                                     _flops_per_device(config, num_classes, teacher),
                                      writer, progress, check_finite)
 
     for step in range(start_step + 1, config.total_steps + 1):
       patch_size = flexi.patch_size_at(config, step)
-      state, step_metrics = train_steps[patch_size](state, next(batches))
+      state, step_metrics = train_steps[patch_size](state, next(batches), *step_args)
       if step == start_step + 1:
         with out_of_memory.explained(config, 'the train step'):
           jax.block_until_ready(step_metrics)
@@ -198,7 +206,7 @@ def _initial_state(config, run, files, num_classes, log):
   return run.new_state()
 
 
-def _flops_per_device(config, num_classes):
+def _flops_per_device(config, num_classes, teacher):
   """Model FLOPs of one train step on one device, where the device's peak is known (for MFU).
 
   Model FLOPs, not XLA's count of the compiled step, which counts a scanned layer or an
@@ -206,7 +214,8 @@ def _flops_per_device(config, num_classes):
   """
   if flops_lib.peak_flops_per_device() is None:
     return None
-  return flops_lib.model_flops_per_step(config, num_classes)[0] / jax.device_count()
+  return (flops_lib.model_flops_per_step(config, num_classes, teacher=teacher)[0]
+          / jax.device_count())
 
 
 def _stop_if_diverged(fetched, config, checkpointer):

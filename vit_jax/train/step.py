@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from vit_jax.data import device as device_data
+from vit_jax.train import distill
 
 
 @flax.struct.dataclass
@@ -41,6 +42,9 @@ class StepSettings:
   ema_decay: float = 0.0
   prng_impl: str = 'threefry2x32'  # jax.random.key's impl: threefry2x32 | rbg | unsafe_rbg
   patch_size: Optional[int] = None  # FlexiViT: the patch side of this step; None: the model's
+  distill_kind: Optional[str] = None  # hard | soft with a teacher (vit_jax/train/distill.py)
+  distill_alpha: float = 0.0
+  distill_temperature: float = 1.0
 
 
 def _patch_size_kwargs(patch_size):
@@ -70,13 +74,16 @@ def _all_finite(tree):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
 
 
-def train_step(state, batch, *, model, tx, schedule, settings):
+def train_step(state, batch, teacher_params=None, *, model, tx, schedule, settings,
+               teacher_model=None):
   """One update on a global batch of uint8 images; returns `(new_state, metrics)`.
 
   The batch is resized and normalised on the device, mixed (mixup/cutmix, label smoothing),
   split into `accum_steps` micro-batches whose gradients are averaged, and the update applied
   unless the loss or a gradient is non-finite (then the state keeps its params, counts the skip
-  and remembers the first such step for the loop to report).
+  and remembers the first such step for the loop to report). With a teacher (`teacher_model`
+  and its `teacher_params`), the loss adds its predictions on the same images
+  (`vit_jax.train.distill`).
   """
   step_key = jax.random.fold_in(jax.random.key(settings.seed, impl=settings.prng_impl),
                                 state.step)
@@ -87,9 +94,19 @@ def train_step(state, batch, *, model, tx, schedule, settings):
       settings.mixup_alpha, settings.cutmix_alpha, settings.label_smoothing)
 
   def loss_fn(params, micro_images, micro_targets, key):
-    logits = model.apply({'params': params}, micro_images, train=True, rngs={'dropout': key},
-                         **_patch_size_kwargs(settings.patch_size))
-    return cross_entropy(logits, micro_targets)
+    outputs = model.apply({'params': params}, micro_images, train=True, rngs={'dropout': key},
+                          **_patch_size_kwargs(settings.patch_size))
+    # A DeiT student (model.distilled) gives (class-token logits, distillation-token logits).
+    logits, dist_logits = outputs if isinstance(outputs, tuple) else (outputs, outputs)
+    if settings.distill_kind is None:
+      # No teacher: a distilled model's two heads learn the labels through their mean, the
+      # logits it predicts with (timm's fine-tuning of DeiT checkpoints).
+      return cross_entropy((logits + dist_logits) / 2, micro_targets)
+    teacher_logits = teacher_model.apply({'params': teacher_params}, micro_images, train=False)
+    return ((1.0 - settings.distill_alpha) * cross_entropy(logits, micro_targets)
+            + settings.distill_alpha * distill.teacher_term(
+                dist_logits, teacher_logits, kind=settings.distill_kind,
+                temperature=settings.distill_temperature))
 
   grad_fn = jax.value_and_grad(loss_fn)
   if settings.accum_steps == 1:

@@ -326,6 +326,12 @@ def complete_kwargs(model_kwargs):
   return {**defaults, **model_kwargs}
 
 
+def module_for(model_kwargs):
+  """The Flax module with these fields: a Mixer when they have `tokens_mlp_dim`, else a ViT."""
+  model_cls = models.MlpMixer if 'tokens_mlp_dim' in model_kwargs else models.VisionTransformer
+  return model_cls(**model_kwargs)
+
+
 def _prefix_tokens(model_kwargs):
   if 'tokens_mlp_dim' in model_kwargs:
     return 0
@@ -346,7 +352,8 @@ def infer_image_size(flat, model_kwargs):
   return side * pixels_per_token
 
 
-def _describe(model_kwargs):
+def describe(model_kwargs):
+  """'ViT (width 64, 4 layers, patch 4x4)': a model's fields in a few words."""
   if 'tokens_mlp_dim' in model_kwargs:
     family = 'Mixer'
   else:
@@ -389,7 +396,7 @@ def _summarise(keys, detail=lambda key: ''):
 def _describe_weights(flat):
   """'ViT (width 64, 4 layers, patch 4x4)' for weights that look like a model; else ''."""
   try:
-    return _describe(infer_model_kwargs(flat))
+    return describe(infer_model_kwargs(flat))
   except (UserError, KeyError, IndexError):
     return ''
 
@@ -410,7 +417,7 @@ def fit_to_model(source, init_params, model_kwargs, source_name='checkpoint', mo
   """
   target = tree.flatten(init_params)
   source = to_layout(dict(source), scanned=is_scanned(target))
-  model_name = model_name or _describe(model_kwargs)
+  model_name = model_name or describe(model_kwargs)
 
   notes = []
   for prefix in HEAD_PREFIXES:
@@ -541,8 +548,7 @@ def load_for_finetune(path, init_params, model_kwargs, format='auto', model_name
 
 def _init_params(model_kwargs, image_size, abstract, seed=0):
   """The params of a fresh model with these fields (on the CPU), or only their shapes."""
-  model_cls = models.MlpMixer if 'tokens_mlp_dim' in model_kwargs else models.VisionTransformer
-  model = model_cls(**model_kwargs)
+  model = module_for(model_kwargs)
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   init = lambda: model.init(jax.random.key(seed), images, train=False)['params']
   if abstract:
@@ -589,7 +595,7 @@ def convert(src, dst, src_format='auto', dst_format='auto', model_name=None, num
     image_size = source_size
   save_weights(source, dst, format=dst_format, model_kwargs=model_kwargs,
                image_size=image_size, class_names=class_names, log=log)
-  log(f'wrote {dst} ({_describe(model_kwargs)}, {image_size} px, '
+  log(f'wrote {dst} ({describe(model_kwargs)}, {image_size} px, '
       f'{model_kwargs.get("num_classes") or "no"} classes)')
 
 
