@@ -50,7 +50,7 @@ def pad_and_random_crop(image, seed, pad):
   return tf.image.stateless_random_crop(padded, [height, width, 3], seed=seed)
 
 
-def train_preprocess(image, seed, aug, host_image_size):
+def train_preprocess(image, seed, aug, host_image_size, resize_fn=None):
   """uint8 (H, W, 3) of any size -> augmented uint8 (host_image_size, host_image_size, 3).
 
   Args:
@@ -58,12 +58,14 @@ def train_preprocess(image, seed, aug, host_image_size):
     seed: int64 (2,), unique to this example at this step.
     aug: config.aug (crop, inception_min_area, random_crop_pad, flip, randaugment_*).
     host_image_size: output side length.
+    resize_fn: image -> image in place of the square resize to host_image_size (NaFlex: each
+      image to its own grid, `vit_jax.data.naflex`); the output then has its size.
   """
   crop_seed, flip_seed, randaugment_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, num=3))
   if aug.crop == 'inception_crop':
     image = inception_crop(image, crop_seed, aug.inception_min_area)
-  image = resize(image, host_image_size)
+  image = resize(image, host_image_size) if resize_fn is None else resize_fn(image)
   if aug.crop == 'random_crop':
     image = pad_and_random_crop(image, crop_seed, aug.random_crop_pad)
   if aug.flip:

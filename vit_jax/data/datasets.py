@@ -15,7 +15,7 @@ tfds shuffle (the config refuses it elsewhere); digits are always in memory.
 
 import dataclasses
 import itertools
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import tensorflow as tf
@@ -23,6 +23,7 @@ import tensorflow as tf
 from vit_jax.data import augment
 from vit_jax.data import digits
 from vit_jax.data import folder
+from vit_jax.data import naflex as naflex_lib
 from vit_jax.data import table as table_lib
 from vit_jax.data import tfds_source
 from vit_jax.errors import UserError
@@ -54,6 +55,9 @@ class Datasets:
   train_source: Source
   eval_source: Source
   eval_crop_fraction: float
+  # NaFlex (config.data.naflex_max_tokens): batches of patches at each image's own aspect ratio
+  # (`vit_jax.data.naflex`) in place of 'images'; None: square images.
+  naflex: Optional[naflex_lib.Spec] = None
 
   @property
   def image_size_on_host(self):
@@ -62,6 +66,9 @@ class Datasets:
 
   def train_batches(self, start_step: int = 0) -> Iterator[dict]:
     """Infinite {'images': uint8 (b, s, s, 3), 'labels': int32 (b,)} from `start_step` on.
+
+    With NaFlex, the patches, positions, patch_mask and grid_hw of `vit_jax.data.naflex` in
+    place of 'images'.
 
     Batch k of `train_batches(K)` equals batch K + k of `train_batches(0)`, augmentation
     included, for the same config and process layout.
@@ -83,6 +90,8 @@ class Datasets:
     def preprocess(payload, label, position):
       seed = tf.stack([tf.constant(self.seed % 2**63, tf.int64), position])
       image = augment.to_rgb(decode(payload))
+      if self.naflex:
+        return naflex_lib.train_preprocess(image, seed, self.aug, self.naflex), label
       image = augment.train_preprocess(image, seed, self.aug, self.host_image_size)
       return image, label
 
@@ -90,8 +99,8 @@ class Datasets:
     dataset = dataset.batch(self.local_batch_size, drop_remainder=True)
     if self.prefetch_batches:  # 0: nothing in flight, anywhere.
       dataset = dataset.prefetch(self.prefetch_batches)
-    for images, labels in self._read(dataset, self.train_source):
-      yield {'images': images, 'labels': labels.astype(np.int32)}
+    for inputs, labels in self._read(dataset, self.train_source):
+      yield {**_named_inputs(inputs), 'labels': labels.astype(np.int32)}
 
   @staticmethod
   def _read(dataset, source):
@@ -124,13 +133,16 @@ class Datasets:
     """One pass over this process's eval shard, padded to full batches.
 
     Yields {'images': uint8 (b, s, s, 3), 'labels': int32 (b,), 'mask': float32 (b,)}; mask is
-    0 on padding. Every process yields the same number of batches.
+    0 on padding. Every process yields the same number of batches. With NaFlex, the patch keys
+    in place of 'images' (a padding example has no real patch).
     """
     batch = self.local_eval_batch_size
     source = self.eval_source
 
     def preprocess(payload, label):
       image = augment.to_rgb(source.decode(payload))
+      if self.naflex:
+        return naflex_lib.eval_preprocess(image, self.naflex, self.eval_crop_fraction), label
       return augment.eval_preprocess(image, self.host_image_size, self.eval_crop_fraction), label
 
     if isinstance(source, table_lib.Table):
@@ -151,26 +163,35 @@ class Datasets:
 
     size = self.host_image_size
     yielded = 0
-    for images, labels in self._read(dataset, source):
+    for inputs, labels in self._read(dataset, source):
       if yielded == num_batches:
         break
-      yield _pad_batch(images, labels, batch)
+      yield _pad_batch(inputs, labels, batch)
       yielded += 1
     while yielded < num_batches:
-      yield _pad_batch(np.zeros((0, size, size, 3), np.uint8), np.zeros((0,), np.int32), batch)
+      empty = (naflex_lib.empty_inputs(self.naflex, 0) if self.naflex
+               else np.zeros((0, size, size, 3), np.uint8))
+      yield _pad_batch(empty, np.zeros((0,), np.int32), batch)
       yielded += 1
 
 
-def _pad_batch(images, labels, batch):
+def _named_inputs(inputs):
+  """A batch's model inputs by name: {'images': ...}, or the NaFlex dict as it is."""
+  return inputs if isinstance(inputs, dict) else {'images': inputs}
+
+
+def _pad_batch(inputs, labels, batch):
   """Pads (n <= batch) examples to a full batch, with mask 1 on the real ones."""
   count = len(labels)
   mask = np.zeros((batch,), np.float32)
   mask[:count] = 1.0
-  padded_images = np.zeros((batch,) + images.shape[1:], np.uint8)
-  padded_images[:count] = images
+  padded = {}
+  for key, value in _named_inputs(inputs).items():
+    padded[key] = np.zeros((batch,) + value.shape[1:], value.dtype)
+    padded[key][:count] = value
   padded_labels = np.zeros((batch,), np.int32)
   padded_labels[:count] = labels
-  return {'images': padded_images, 'labels': padded_labels, 'mask': mask}
+  return {**padded, 'labels': padded_labels, 'mask': mask}
 
 
 def create_datasets(config, process_index: int = 0, process_count: int = 1) -> Datasets:
@@ -225,6 +246,8 @@ def create_datasets(config, process_index: int = 0, process_count: int = 1) -> D
       train_source=train_source,
       eval_source=eval_source,
       eval_crop_fraction=config.aug.eval_crop_fraction,
+      naflex=(naflex_lib.Spec(tuple(config.model_fields.patch_size), data.naflex_max_tokens)
+              if data.naflex_max_tokens else None),
   )
 
 

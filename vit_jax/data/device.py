@@ -2,11 +2,13 @@
 
 The host ships small uint8 images (cheap to transfer); here they are resized to the model's
 resolution, scaled to [-1, 1] and, for training, mixed (mixup / cutmix) with label smoothing.
+A NaFlex batch (`vit_jax.data.naflex`) ships uint8 patches instead, scaled here alike.
 Mixing pairs each example with the one mirrored in the batch (index N - 1 - i).
 """
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def preprocess(images, image_size):
@@ -23,6 +25,36 @@ def preprocess(images, image_size):
 
 
 preprocess_on_device = preprocess  # the name docs/ARCHITECTURE.md uses
+
+
+def naflex_batch_shapes(patch_hw, max_tokens, batch_size):
+  """{key: (shape, numpy dtype)} of a NaFlex batch's inputs as the host delivers them.
+
+  Each image's patches (its grid of `patch_hw` patches at its own aspect ratio, real patches
+  first, `vit_jax.data.naflex`), padded to `max_tokens`: uint8 pixels, flattened per patch in
+  (row, column, channel) order.
+  """
+  patch_h, patch_w = patch_hw
+  return {'patches': ((batch_size, max_tokens, patch_h * patch_w * 3), np.uint8),
+          'positions': ((batch_size, max_tokens, 2), np.int32),
+          'patch_mask': ((batch_size, max_tokens), np.bool_),
+          'grid_hw': ((batch_size, 2), np.int32)}
+
+
+def preprocess_patches(batch):
+  """A NaFlex batch -> the model's patch input: uint8 patches to float32 in [-1, 1] (as
+  `preprocess` scales images), positions, patch_mask and grid_hw as they are."""
+  patches = jnp.clip(batch['patches'].astype(jnp.float32) / 127.5 - 1.0, -1.0, 1.0)
+  return {'patches': patches, 'positions': batch['positions'],
+          'patch_mask': batch['patch_mask'], 'grid_hw': batch['grid_hw']}
+
+
+def model_inputs(batch, image_size):
+  """A host batch -> what the model takes: square images resized to `image_size` and scaled
+  (`preprocess`), or, for a NaFlex batch (with 'patches'), its patches scaled."""
+  if 'patches' in batch:
+    return preprocess_patches(batch)
+  return preprocess(batch['images'], image_size)
 
 
 def smooth_labels(labels, num_classes, label_smoothing=0.0):

@@ -111,11 +111,17 @@ class PatchEmbedding(nn.Module):
 
   @nn.compact
   def __call__(self, images, patch_size=None):
-    """images (batch, H, W, C) -> (batch, H / p, W / q, width); patch_size (p, q), None: base."""
+    """images (batch, H, W, C) -> (batch, H / p, W / q, width); patch_size (p, q), None: base.
+
+    Flattened patches (batch, tokens, p * q * C) (NaFlex, `vit_jax.models.naflex`) ->
+    (batch, tokens, width): the same kernel as a matmul, the same token as the conv's.
+    """
     base = as_hw(self.patch_size)
     patch = base if patch_size is None else as_hw(patch_size)
+    flattened = images.ndim == 3
+    channels = images.shape[-1] // (patch[0] * patch[1]) if flattened else images.shape[-1]
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                        base + (images.shape[-1], self.features), self.param_dtype)
+                        base + (channels, self.features), self.param_dtype)
     bias = None
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros_init(), (self.features,),
@@ -123,6 +129,9 @@ class PatchEmbedding(nn.Module):
     if patch != base:
       kernel = resize_patch_embedding(kernel, patch)
     images, kernel, bias = dtypes.promote_dtype(images, kernel, bias, dtype=self.dtype)
+    if flattened:  # (row, column, channel) order, as the kernel's leading axes.
+      tokens = jnp.dot(images, jnp.reshape(kernel, (-1, self.features)))
+      return tokens if bias is None else tokens + bias
     tokens = jax.lax.conv_general_dilated(
         images, kernel, window_strides=patch, padding='VALID',
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))

@@ -16,6 +16,10 @@ The path an image takes:
   -> `pre_logits` (Dense + tanh, only with representation_size) -> `head` (zero-initialised);
      a distilled model also has `head_dist` on the distillation token.
 
+NaFlex (`naflex.py`): in place of images, a padded sequence of patches at each image's own grid
+(a dict of patches, positions, patch_mask, grid_hw); the same kernel embeds them as a matmul, the
+learned table is resized per image to its grid, attention and pooling never read padding.
+
 Module and parameter names are those of the published vit_jax checkpoints, so those files load
 as they are. Options follow big_vision: defaults live in the dataclass fields, and the defaults
 build exactly the published model (tanh GELU, LayerNorm eps 1e-6, qkv biases, one final norm).
@@ -32,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.errors import UserError
-from vit_jax.models import flexi, patch_dropout, resnet, rope
+from vit_jax.models import flexi, naflex, patch_dropout, resnet, rope
 
 CLASSIFIERS = ('token', 'gap', 'map', 'unpooled')
 POSEMBS = ('learn', 'sincos2d') + tuple(rope.ROPE_POSEMBS)
@@ -209,8 +213,12 @@ class MultiHeadDotProductAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv, deterministic, positions=None):
-    """positions: (batch or 1, patches, 2) grid positions of the last tokens, for RoPE."""
+  def __call__(self, inputs_q, inputs_kv, deterministic, positions=None, kv_mask=None):
+    """positions: (batch or 1, patches, 2) grid positions of the last tokens, for RoPE.
+
+    kv_mask: bool (batch, kv_tokens) or None: False on padding keys, which no query reads
+    (NaFlex). The real keys come first: cuDNN reads the mask as a length per example.
+    """
     width = inputs_q.shape[-1]
     if width % self.num_heads:
       raise UserError(f'num_heads {self.num_heads} does not divide the width {width}')
@@ -235,6 +243,8 @@ class MultiHeadDotProductAttention(nn.Module):
     if wants_weights or drops_weights:
       # Softmax in float32, as the fused kernels do.
       logits = jnp.einsum('bqhd,bkhd->bhqk', query, key, preferred_element_type=jnp.float32)
+      if kv_mask is not None:
+        logits = jnp.where(kv_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
       weights = jax.nn.softmax(logits * head_dim**-0.5, axis=-1)
       weights = weights.astype(self.dtype)
       self.sow('intermediates', 'attention_weights', weights)
@@ -247,13 +257,25 @@ class MultiHeadDotProductAttention(nn.Module):
                                                                           jnp.float16):
         raise UserError(f'attention_impl=cudnn needs dtype bfloat16 or float16, got '
                         f'{jnp.dtype(self.dtype).name}; use attention_impl=auto or xla')
+      implementation = attention_implementation(self.attention_impl, self.dtype, head_dim)
       encoded = jax.nn.dot_product_attention(
-          query, key, value,
-          implementation=attention_implementation(self.attention_impl, self.dtype, head_dim))
+          query, key, value, implementation=implementation,
+          **_mask_arguments(kv_mask, implementation))
 
     return nn.DenseGeneral(
         width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype, name='out',
         kernel_init=nn.initializers.xavier_uniform())(encoded)
+
+
+def _mask_arguments(kv_mask, implementation):
+  """The padding mask as `jax.nn.dot_product_attention` takes it: a boolean mask for XLA, a
+  key length per example for cuDNN (which would expand a mask into a dense bias)."""
+  if kv_mask is None:
+    return {}
+  if implementation == 'cudnn':
+    lengths = jnp.maximum(jnp.sum(kv_mask, axis=-1), 1).astype(jnp.int32)
+    return {'key_value_seq_lengths': lengths}
+  return {'mask': kv_mask[:, None, None, :]}
 
 
 class EncoderBlock(nn.Module):
@@ -273,7 +295,8 @@ class EncoderBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, drop_path_rate, deterministic, positions=None):  # x: (batch, tokens, width)
+  def __call__(self, x, drop_path_rate, deterministic, positions=None, mask=None):
+    """x: (batch, tokens, width); mask: bool (batch, tokens), False on padding (NaFlex)."""
     norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
 
@@ -290,7 +313,7 @@ class EncoderBlock(nn.Module):
         qk_norm=self.qk_norm, qkv_bias=self.qkv_bias, layer_norm_eps=self.layer_norm_eps,
         attention_impl=self.attention_impl, rope=self.rope, dtype=self.dtype,
         param_dtype=self.param_dtype, name='MultiHeadDotProductAttention_1')(
-            y, y, deterministic, positions)
+            y, y, deterministic, positions, mask)
     y = nn.Dropout(self.dropout_rate)(y, deterministic)
     x = x + DropPath()(layer_scale(y, 'layer_scale_1'), drop_path_rate, deterministic)
 
@@ -327,7 +350,8 @@ class Encoder(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, grid_hw, unembedded=None, *, train=False, base_grid_hw=None):
+  def __call__(self, x, grid_hw, unembedded=None, *, train=False, base_grid_hw=None,
+               patch_layout=None):
     """Runs the encoder.
 
     Args:
@@ -339,21 +363,42 @@ class Encoder(nn.Module):
       train: dropout, drop-path and patch dropout on.
       base_grid_hw: the grid the learned table is stored for, when it differs from `grid_hw`
         (a FlexiViT call at another patch size; see `vit_jax.models.flexi`).
+      patch_layout: NaFlex (`vit_jax.models.naflex`), with grid_hw None: a dict of the
+        patches' `positions`, `patch_mask`, `grid_hw` and `rope_scale` (RoPE positions are
+        multiplied by it: patch / base patch, as `rope.grid_positions` does for FlexiViT).
 
     Returns:
-      (batch, tokens, width), after the final LayerNorm when `final_norm`.
+      (batch, tokens, width), after the final LayerNorm when `final_norm`; with patch_layout
+      the pair (that, patch_mask (batch, patches) of the patches kept).
     """
-    posemb = self._position_embeddings(x.shape, grid_hw, base_grid_hw)
+    patch_mask = None
+    rope_mode = rope.rope_mode(self.posemb)
+    if patch_layout is None:
+      posemb = self._position_embeddings(x.shape, grid_hw, base_grid_hw)
+      positions = rope.grid_positions(grid_hw, base_grid_hw) if rope_mode else None
+    else:
+      posemb = self._patch_position_embeddings(x.shape[-1], patch_layout)
+      positions = None
+      if rope_mode:
+        positions = (patch_layout['positions'].astype(jnp.float32)
+                     * jnp.asarray(patch_layout['rope_scale'], jnp.float32))
+      patch_mask = patch_layout['patch_mask']
     if posemb is not None:
       x = x + posemb.astype(x.dtype)
-    rope_mode = rope.rope_mode(self.posemb)
-    positions = rope.grid_positions(grid_hw, base_grid_hw) if rope_mode else None
     if train and self.patch_dropout:
-      x, positions, _ = patch_dropout.drop_patches(
+      x, positions, kept = patch_dropout.drop_patches(
           self.make_rng('dropout'), x, positions, self.num_prefix_tokens, self.patch_dropout)
+      if patch_mask is not None:  # Padding is dropped at the same rate as the patches.
+        patch_mask = jnp.take_along_axis(patch_mask, kept, axis=1)
+    num_front = self.num_prefix_tokens
     if unembedded is not None:
       prefix = self.num_prefix_tokens
       x = jnp.concatenate([x[:, :prefix], unembedded.astype(x.dtype), x[:, prefix:]], axis=1)
+      num_front += unembedded.shape[1]
+    token_mask = None  # The class, distillation and register tokens are always real.
+    if patch_mask is not None:
+      token_mask = jnp.concatenate(
+          [jnp.ones((x.shape[0], num_front), bool), patch_mask], axis=1)
     x = nn.Dropout(self.dropout_rate)(x, not train)
     if self.pre_norm:  # CLIP: one LayerNorm on the embedded tokens, before the first block.
       x = self._norm('pre_norm')(x)
@@ -370,7 +415,7 @@ class Encoder(nn.Module):
         param_dtype=self.param_dtype)
     block_cls = EncoderBlock
     if self.remat_policy != 'none':
-      # (self, x, rate, deterministic, positions): inside scan the rate is traced, so only
+      # (self, x, rate, deterministic, positions, mask): inside scan the rate is traced, so only
       # `deterministic` can be static there.
       block_cls = nn.remat(EncoderBlock, prevent_cse=not self.scan,
                            policy=REMAT_POLICIES[self.remat_policy],
@@ -380,14 +425,16 @@ class Encoder(nn.Module):
       x, _ = nn.scan(
           block_cls, variable_axes={'params': 0, 'intermediates': 0},
           split_rngs={'params': True, 'dropout': True},
-          in_axes=(0 if self.drop_path_rate else nn.broadcast, nn.broadcast, nn.broadcast),
+          in_axes=(0 if self.drop_path_rate else nn.broadcast, nn.broadcast, nn.broadcast,
+                   nn.broadcast),
           length=self.num_layers)(name='encoderblock', **block_kwargs)(
-              x, scanned_rates, not train, positions)
+              x, scanned_rates, not train, positions, token_mask)
     else:
       for i in range(self.num_layers):
         x, _ = block_cls(name=f'encoderblock_{i}', **block_kwargs)(
-            x, rates[i], not train, positions)
-    return self._norm('encoder_norm')(x) if self.final_norm else x
+            x, rates[i], not train, positions, token_mask)
+    x = self._norm('encoder_norm')(x) if self.final_norm else x
+    return x if patch_layout is None else (x, patch_mask)
 
   def _norm(self, name):
     return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
@@ -422,6 +469,36 @@ class Encoder(nn.Module):
     return table
 
 
+  def _patch_position_embeddings(self, width, patch_layout):
+    """(batch, prefix + patches, width) for a NaFlex input; None with RoPE alone.
+
+    The learned table is stored for a square grid (the square model's: its image_size //
+    patch; initialised from a patch input, the largest square within its tokens) and read
+    per image at its own grid (`naflex.gather_posemb`).
+    """
+    positions = patch_layout['positions']
+    batch, num_patches, _ = positions.shape
+    absolute = rope.absolute_posemb(self.posemb)
+    if absolute is None:
+      return None
+    if absolute == 'sincos2d':
+      prefix = jnp.zeros((batch, self.num_prefix_tokens, width), jnp.float32)
+      return jnp.concatenate([prefix, naflex.sincos_posemb(positions, width)], axis=1)
+    scope = 'posembed_input'
+    if self.has_variable('params', scope):
+      shape = tuple(self.get_variable('params', scope)['pos_embedding'].shape)
+    else:
+      side = max(math.isqrt(num_patches), 1)
+      shape = (1, self.num_prefix_tokens + side * side, width)
+    table = AddPositionEmbs(param_dtype=self.param_dtype, name=scope)(shape)
+    grid_h, grid_w = naflex.table_grid(shape[1] - self.num_prefix_tokens)
+    grid_table = jnp.reshape(table[0, self.num_prefix_tokens:], (grid_h, grid_w, width))
+    patches = naflex.gather_posemb(grid_table, patch_layout['grid_hw'], positions)
+    prefix = jnp.broadcast_to(table[:, :self.num_prefix_tokens].astype(jnp.float32),
+                              (batch, self.num_prefix_tokens, width))
+    return jnp.concatenate([prefix, patches], axis=1)
+
+
 class AddPositionEmbs(nn.Module):
   """Holds the learned table as `pos_embedding`, as the published checkpoints do."""
   param_dtype: Dtype = jnp.float32
@@ -449,7 +526,8 @@ class MAPHead(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):  # (batch, tokens, width) -> (batch, width)
+  def __call__(self, x, mask=None):  # (batch, tokens, width) -> (batch, width)
+    """mask: bool (batch, tokens) or None: the tokens the probe may read (NaFlex)."""
     batch, _, width = x.shape
     probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, width),
                        self.param_dtype)
@@ -457,7 +535,7 @@ class MAPHead(nn.Module):
     x = MultiHeadDotProductAttention(
         num_heads=self.num_heads, attention_impl=self.attention_impl, dtype=self.dtype,
         param_dtype=self.param_dtype, name='MultiHeadDotProductAttention_0')(
-            probe, x, True)
+            probe, x, True, kv_mask=mask)
     y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                      param_dtype=self.param_dtype, name='LayerNorm_0')(x)
     x = x + MlpBlock(mlp_dim=self.mlp_dim, gelu_approximate=self.gelu_approximate,
@@ -560,29 +638,23 @@ class VisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train=False, patch_size=None):
-    """images: float (batch, height, width, channels) in [-1, 1].
+    """images: float (batch, height, width, channels) in [-1, 1], or a NaFlex patch sequence
+    (a dict of patches, positions, patch_mask and grid_hw: `vit_jax.models.naflex`).
 
     patch_size: (p, q) to run at instead of the base `patch_size` (FlexiViT); None: the base.
     """
     self.check_config()
-    x = jnp.asarray(images, self.dtype)
-    if self.resnet_layers is not None:
-      x = resnet.resnet_stem(x, self.resnet_layers, self.resnet_width, self.dtype,
-                             self.param_dtype)
     base_patch = tuple(self.patch_size)
-    patch_h, patch_w = base_patch if patch_size is None else flexi.as_hw(patch_size)
-    if x.shape[1] % patch_h or x.shape[2] % patch_w:
-      raise UserError(f'patch size {patch_h}x{patch_w} does not divide the image size '
-                      f'{images.shape[1]}x{images.shape[2]}'
-                      + (' (after the 16x ResNet stem)' if self.resnet_layers else ''))
-    base_grid_hw = None  # The grid of the stored position table, when not this call's grid.
-    if (patch_h, patch_w) != base_patch:
-      base_grid_hw = (x.shape[1] // base_patch[0], x.shape[2] // base_patch[1])
-    x = flexi.PatchEmbedding(self.hidden_size, base_patch, use_bias=not self.pre_norm,
-                             dtype=self.dtype, param_dtype=self.param_dtype, name='embedding')(
-                                 x, (patch_h, patch_w))
-    batch, grid_h, grid_w, width = x.shape
-    x = jnp.reshape(x, (batch, grid_h * grid_w, width))  # (batch, patches, width)
+    patch_hw = base_patch if patch_size is None else flexi.as_hw(patch_size)
+    embedding = flexi.PatchEmbedding(self.hidden_size, base_patch, use_bias=not self.pre_norm,
+                                     dtype=self.dtype, param_dtype=self.param_dtype,
+                                     name='embedding')
+    grid_hw = base_grid_hw = patch_layout = None
+    if naflex.is_patch_input(images):
+      x, patch_layout = self._embed_patches(images, embedding, patch_hw)
+    else:
+      x, grid_hw, base_grid_hw = self._embed_images(images, embedding, patch_hw)
+    batch, _, width = x.shape  # (batch, patches, width)
 
     # Class and distillation tokens, then registers: the order of the tokens in the sequence.
     prefix = []
@@ -615,8 +687,11 @@ class VisionTransformer(nn.Module):
         layer_norm_eps=self.layer_norm_eps, pre_norm=self.pre_norm, final_norm=not self.fc_norm,
         attention_impl=self.attention_impl, scan=self.scan, remat_policy=self.remat_policy,
         dtype=self.dtype, param_dtype=self.param_dtype, name='Transformer')(
-            x, (grid_h, grid_w), jnp.concatenate(unembedded, axis=1) if unembedded else None,
-            train=train, base_grid_hw=base_grid_hw)
+            x, grid_hw, jnp.concatenate(unembedded, axis=1) if unembedded else None,
+            train=train, base_grid_hw=base_grid_hw, patch_layout=patch_layout)
+    patch_mask = None  # NaFlex: the real patches among those the encoder kept.
+    if patch_layout is not None:
+      x, patch_mask = x
 
     num_prefix = len(prefix) + self.num_registers
     patch_tokens = x[:, num_prefix:]  # (batch, gh * gw, width)
@@ -625,12 +700,13 @@ class VisionTransformer(nn.Module):
     if self.classifier == 'token':
       x = x[:, 0]
     elif self.classifier == 'gap':
-      x = jnp.mean(patch_tokens, axis=1)
+      x = (jnp.mean(patch_tokens, axis=1) if patch_mask is None
+           else naflex.masked_mean(patch_tokens, patch_mask))
     elif self.classifier == 'map':
       x = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                   gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps,
                   attention_impl=self.attention_impl, dtype=self.dtype,
-                  param_dtype=self.param_dtype, name='MAPHead_0')(patch_tokens)
+                  param_dtype=self.param_dtype, name='MAPHead_0')(patch_tokens, patch_mask)
     else:  # unpooled: one output per patch.
       x = patch_tokens
     if self.fc_norm:
@@ -645,6 +721,39 @@ class VisionTransformer(nn.Module):
       x = self._head('head')(x)
     # Logits and features leave in float32, so losses and metrics need no care about dtype.
     return x.astype(jnp.float32)
+
+  def _embed_images(self, images, embedding, patch_hw):
+    """(tokens (batch, gh * gw, width), (gh, gw), the stored table's grid or None)."""
+    x = jnp.asarray(images, self.dtype)
+    if self.resnet_layers is not None:
+      x = resnet.resnet_stem(x, self.resnet_layers, self.resnet_width, self.dtype,
+                             self.param_dtype)
+    base_patch = tuple(self.patch_size)
+    patch_h, patch_w = patch_hw
+    if x.shape[1] % patch_h or x.shape[2] % patch_w:
+      raise UserError(f'patch size {patch_h}x{patch_w} does not divide the image size '
+                      f'{images.shape[1]}x{images.shape[2]}'
+                      + (' (after the 16x ResNet stem)' if self.resnet_layers else ''))
+    base_grid_hw = None  # The grid of the stored position table, when not this call's grid.
+    if (patch_h, patch_w) != base_patch:
+      base_grid_hw = (x.shape[1] // base_patch[0], x.shape[2] // base_patch[1])
+    x = embedding(x, (patch_h, patch_w))
+    batch, grid_h, grid_w, width = x.shape
+    return jnp.reshape(x, (batch, grid_h * grid_w, width)), (grid_h, grid_w), base_grid_hw
+
+  def _embed_patches(self, inputs, embedding, patch_hw):
+    """NaFlex: (tokens (batch, patches, width), the layout the encoder reads)."""
+    if self.resnet_layers is not None:
+      raise UserError('a hybrid (R50+ViT) model takes images, not NaFlex patches: its ResNet '
+                      'root needs the whole image')
+    naflex.check_patch_input(inputs, patch_hw)
+    x = embedding(jnp.asarray(inputs['patches'], self.dtype), patch_hw)
+    base_patch = tuple(self.patch_size)
+    layout = dict(positions=jnp.asarray(inputs['positions'], jnp.int32),
+                  patch_mask=jnp.asarray(inputs['patch_mask'], bool),
+                  grid_hw=jnp.asarray(inputs['grid_hw'], jnp.int32),
+                  rope_scale=(patch_hw[0] / base_patch[0], patch_hw[1] / base_patch[1]))
+    return x, layout
 
   def _head(self, name):
     return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -94,13 +94,21 @@ def time_calls(call, steps, repeats):
 
 
 def synthetic_batch(config, size, num_classes, mesh, rng, with_mask=False):
-  """A random global batch of `size` uint8 images at the host size, laid out on `mesh`."""
+  """A random global batch of `size` uint8 images at the host size (or NaFlex patches), laid out
+  on `mesh`."""
   import numpy as np
   from vit_jax.train import build
   from vit_jax.train import sharding
   shapes = build.abstract_batch(config, size, with_mask)
-  batch = {'images': rng.integers(0, 256, shapes['images'].shape, np.uint8),
-           'labels': rng.integers(0, num_classes, (size,), np.int32)}
+  if 'patches' in shapes:  # NaFlex: every token a real patch (one row of them), the full cost.
+    tokens = shapes['patches'].shape[1]
+    row = np.stack([np.zeros(tokens, np.int32), np.arange(tokens, dtype=np.int32)], axis=-1)
+    batch = {'patches': rng.integers(0, 256, shapes['patches'].shape, np.uint8),
+             'positions': np.tile(row, (size, 1, 1)), 'patch_mask': np.ones((size, tokens), bool),
+             'grid_hw': np.tile(np.int32([1, tokens]), (size, 1))}
+  else:
+    batch = {'images': rng.integers(0, 256, shapes['images'].shape, np.uint8)}
+  batch['labels'] = rng.integers(0, num_classes, (size,), np.int32)
   if with_mask:
     batch['mask'] = np.ones((size,), np.float32)
   return sharding.global_batch(batch, mesh)

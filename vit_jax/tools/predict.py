@@ -11,7 +11,9 @@ pooling query's attention per head. What the maps show depends on the pooling:
 - `gap`: the mean over patch queries of the rollout / of the last layer's attention per head;
 - `map`: the rollout mixed by the MAP probe's attention / the probe's attention per head.
 Images are prepared as the eval split was in training (host resize and crop, then the on-device
-resize and [-1, 1] normalisation), so the model sees what it saw at eval.
+resize and [-1, 1] normalisation), so the model sees what it saw at eval. A NaFlex run
+(config.data.naflex_max_tokens), or `--naflex_max_tokens N` with any ViT, takes each image at its
+own aspect ratio as patches (`vit_jax.data.naflex`); the attention maps need square grids.
 """
 
 import argparse
@@ -69,6 +71,16 @@ def prepare_images(images, image_size, host_image_size=None, crop_fraction=1.0):
   return np.asarray(device.preprocess(np.stack(host_images), image_size), np.float32)
 
 
+def prepare_patches(images, patch_hw, max_tokens, crop_fraction=1.0):
+  """uint8 images of any sizes -> the NaFlex model input: each image at its own aspect ratio in
+  at most `max_tokens` patches, scaled to [-1, 1], as a NaFlex run's eval batches are."""
+  from vit_jax.data import device
+  from vit_jax.data import naflex
+  batch = naflex.batch_from_images(images, naflex.Spec(tuple(patch_hw), max_tokens),
+                                   crop_fraction)
+  return {key: np.asarray(value) for key, value in device.preprocess_patches(batch).items()}
+
+
 def top_k(probabilities, k=TOP_K):
   """(N, classes) -> (indices (N, k), probabilities (N, k)), most probable first."""
   k = min(k, probabilities.shape[-1])
@@ -98,7 +110,9 @@ def load_workdir(workdir, step=None, weights=None):
               host_image_size=config.data.host_image_size,
               crop_fraction=config.aug.eval_crop_fraction,
               classifier=config.model_fields.classifier,
-              num_registers=config.model_fields.num_registers)
+              num_registers=config.model_fields.num_registers,
+              patch_size=tuple(config.model_fields.patch_size),
+              naflex_max_tokens=config.data.naflex_max_tokens)
   return model, params, workdir_lib.RunFiles(workdir).read_class_names(), view
 
 
@@ -152,7 +166,8 @@ def load_checkpoint(path, model_name=None, num_classes=None, image_size=None,
                     f'{head_classes}')
   view = dict(image_size=image_size, host_image_size=None, crop_fraction=1.0,
               classifier=kwargs.get('classifier', 'token'),
-              num_registers=kwargs.get('num_registers', 0))
+              num_registers=kwargs.get('num_registers', 0),
+              patch_size=tuple(kwargs['patch_size']), naflex_max_tokens=None)
   return model, params, class_names, view
 
 
@@ -176,6 +191,9 @@ def main(argv=None):
   source.add_argument('--weights', choices=checkpoint.WEIGHTS,
                       help='of a workdir: its EMA weights (the default when the run kept an '
                            'EMA: what it evaluated) or its raw params')
+  parser.add_argument('--naflex_max_tokens', type=int, metavar='N',
+                      help='take each image at its own aspect ratio in at most N patches '
+                           '(NaFlex; default: what the workdir trained with, else square)')
   parser.add_argument('--attention_out', metavar='PNG',
                       help='write each image beside its attention rollout')
   parser.add_argument('--heads', metavar='PNG',
@@ -199,9 +217,22 @@ def predict(args):
         args.checkpoint, args.model, args.num_classes, args.image_size, args.class_names,
         args.format, args.weights)
 
-  images = prepare_images(load_images(args.images), view['image_size'],
-                          view['host_image_size'], view['crop_fraction'])
+  max_tokens = getattr(args, 'naflex_max_tokens', None) or view.get('naflex_max_tokens')
   wants_attention = bool(args.attention_out or args.heads)
+  if max_tokens:
+    if max_tokens < 1:
+      raise UserError(f'--naflex_max_tokens {max_tokens} must be positive')
+    if wants_attention:
+      raise UserError('--attention_out and --heads draw square grids of patches; with NaFlex '
+                      '(each image at its own grid) predict gives the classes only')
+    from vit_jax import models
+    if not isinstance(model, models.VisionTransformer):
+      raise UserError('NaFlex needs a ViT; a Mixer mixes a fixed grid of tokens')
+    images = prepare_patches(load_images(args.images), view['patch_size'], max_tokens,
+                             view['crop_fraction'])
+  else:
+    images = prepare_images(load_images(args.images), view['image_size'],
+                            view['host_image_size'], view['crop_fraction'])
   if wants_attention:
     seen = visualize.model_attentions(model, params, images)
     logits = seen.logits

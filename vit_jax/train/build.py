@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import models
+from vit_jax.data import device as device_data
 from vit_jax.train import distill
 from vit_jax.train import flexi
 from vit_jax.train import optim
@@ -153,9 +154,14 @@ def parts(config, num_classes, mesh=None, teacher=None, **model_overrides):
 
 def abstract_batch(config, size, with_mask=False):
   """Shapes and dtypes of a global batch of `size` as the host delivers it (for lowering)."""
-  host_size = config.data.host_image_size
-  batch = {'images': jax.ShapeDtypeStruct((size, host_size, host_size, 3), np.uint8),
-           'labels': jax.ShapeDtypeStruct((size,), np.int32)}
+  if config.data.naflex_max_tokens:  # Patches at each image's own grid (vit_jax/data/naflex.py)
+    shapes = device_data.naflex_batch_shapes(config.model_fields.patch_size,
+                                             config.data.naflex_max_tokens, size)
+    batch = {key: jax.ShapeDtypeStruct(*shape) for key, shape in shapes.items()}
+  else:
+    host_size = config.data.host_image_size
+    batch = {'images': jax.ShapeDtypeStruct((size, host_size, host_size, 3), np.uint8)}
+  batch['labels'] = jax.ShapeDtypeStruct((size,), np.int32)
   if with_mask:
     batch['mask'] = jax.ShapeDtypeStruct((size,), np.float32)
   return batch

@@ -145,6 +145,11 @@ def defaults():
       cache=placeholder(bool),     # tfds and folder: decode the split into memory (default
                                    # False); digits always are
       prefetch_batches=2,          # batches in flight, host -> device; 0: none at all
+      # NaFlex (vit_jax/data/naflex.py): each image keeps its aspect ratio, resized to the
+      # largest grid of the model's patches within this many tokens and padded to it, so one
+      # compiled step serves every shape; None: square images. image_size then only sets the
+      # grid the learned position table is stored for (image_size // patch).
+      naflex_max_tokens=placeholder(int),
   ))
 
   # Augmentation: host side (crop, flip, randaugment) then device side (mixup/cutmix).
@@ -351,10 +356,15 @@ def _resolve_data(config, process_count):
                         'permuted whole each epoch'), DEFAULT_SHUFFLE_BUFFER)
   if data.shuffle_buffer is not None:
     _positive('data.shuffle_buffer', data.shuffle_buffer)
-  if data.host_image_size is None:
-    from vit_jax.data import digits  # Only the constant; the data module loads nothing here.
-    data.host_image_size = digits.IMAGE_SIZE if source == 'digits' else config.image_size
-  _positive('data.host_image_size', data.host_image_size)
+  if data.naflex_max_tokens is not None:
+    _only_with(data, 'host_image_size',
+               (False, 'with data.naflex_max_tokens (each image is resized to its own grid)'),
+               None)
+  else:
+    if data.host_image_size is None:
+      from vit_jax.data import digits  # Only the constant; the data module loads nothing here.
+      data.host_image_size = digits.IMAGE_SIZE if source == 'digits' else config.image_size
+    _positive('data.host_image_size', data.host_image_size)
   _positive('data.prefetch_batches', data.prefetch_batches, allow_zero=True)
 
   _choice('aug.crop', aug.crop, CROPS)
@@ -382,6 +392,32 @@ def _resolve_data(config, process_count):
     if config[key] % process_count:
       raise UserError(f'{key}={config[key]} must be a multiple of the process count '
                       f'{process_count}')
+
+
+def _resolve_naflex(config, model_fields):
+  """Refuses what cannot work on NaFlex batches of patches (data.naflex_max_tokens)."""
+  max_tokens = config.data.naflex_max_tokens
+  if max_tokens is None:
+    return
+  setting = f'data.naflex_max_tokens={max_tokens}'
+  _positive('data.naflex_max_tokens', max_tokens)
+  if models.decode_name(config.model_name)[0] is not models.VisionTransformer:
+    raise UserError(f'{setting} needs a ViT; {config.model_name} mixes a fixed grid of tokens')
+  if model_fields.get('resnet_layers'):
+    raise UserError(f'{setting} needs a plain ViT; the ResNet root of {config.model_name} '
+                    'takes whole images')
+  aug = config.aug
+  if aug.mixup_alpha or aug.cutmix_alpha:
+    raise UserError(f'aug.mixup_alpha={aug.mixup_alpha}, aug.cutmix_alpha={aug.cutmix_alpha} '
+                    f'with {setting}: mixup and cutmix blend images of one shape, and NaFlex '
+                    'images each have their own grid; set both to 0')
+  if aug.crop == 'random_crop':
+    raise UserError(f"aug.crop='random_crop' with {setting}: it pads and crops a square host "
+                    "image; use 'resize' or 'inception_crop'")
+  if config.flexi.patch_sizes:
+    raise UserError(f'flexi.patch_sizes={tuple(config.flexi.patch_sizes)} with {setting}: the '
+                    "host cuts NaFlex patches at the model's own patch size; use one or the "
+                    'other')
 
 
 def _resolve_optimizer(config):
@@ -531,6 +567,7 @@ def resolve(config, device_count=None, process_count=1):
   model_fields = _resolve_model(config)
   _resolve_flexi(config, model_fields)
   _resolve_data(config, process_count)
+  _resolve_naflex(config, model_fields)
   _resolve_optimizer(config)
   _resolve_pretrained(config.pretrained)
   _resolve_distill(config.distill)

@@ -88,7 +88,7 @@ def train_step(state, batch, teacher_params=None, *, model, tx, schedule, settin
   step_key = jax.random.fold_in(jax.random.key(settings.seed, impl=settings.prng_impl),
                                 state.step)
   mix_key, dropout_key = jax.random.split(step_key)
-  images = device_data.preprocess(batch['images'], settings.image_size)
+  images = device_data.model_inputs(batch, settings.image_size)  # or NaFlex patches
   images, targets = device_data.mix(
       mix_key, images, batch['labels'], settings.num_classes,
       settings.mixup_alpha, settings.cutmix_alpha, settings.label_smoothing)
@@ -128,7 +128,8 @@ def train_step(state, batch, teacher_params=None, *, model, tx, schedule, settin
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
     (loss_sum, grad_sum), _ = jax.lax.scan(
         accumulate, (jnp.zeros((), jnp.float32), zeros),
-        (split(images), split(targets), jnp.arange(settings.accum_steps)))
+        (jax.tree_util.tree_map(split, images), split(targets),
+         jnp.arange(settings.accum_steps)))
     loss = loss_sum / settings.accum_steps
     grads = jax.tree_util.tree_map(lambda g: g / settings.accum_steps, grad_sum)
 
@@ -177,7 +178,7 @@ def eval_step(params, batch, *, model, image_size, patch_size=None):
 
   `patch_size`: FlexiViT's patch side to evaluate at; None: the model's own.
   """
-  images = device_data.preprocess(batch['images'], image_size)
+  images = device_data.model_inputs(batch, image_size)  # or NaFlex patches
   logits = model.apply({'params': params}, images, train=False,
                        **_patch_size_kwargs(patch_size)).astype(jnp.float32)
   labels, mask = batch['labels'], batch['mask']
