@@ -14,8 +14,9 @@ tfds shuffle (the config refuses it elsewhere); digits are always in memory.
 """
 
 import dataclasses
+import functools
 import itertools
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 import tensorflow as tf
@@ -58,6 +59,11 @@ class Datasets:
   # NaFlex (config.data.naflex_max_tokens): batches of patches at each image's own aspect ratio
   # (`vit_jax.data.naflex`) in place of 'images'; None: square images.
   naflex: Optional[naflex_lib.Spec] = None
+  train_split: Optional[str] = None  # the names of the two splits above
+  eval_split: Optional[str] = None
+  # Any split of the same data set by name (for `split_batches`); None: only the two above.
+  load_split: Optional[Callable[[str], Source]] = None
+  _other_sources: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
   @property
   def image_size_on_host(self):
@@ -136,8 +142,36 @@ class Datasets:
     0 on padding. Every process yields the same number of batches. With NaFlex, the patch keys
     in place of 'images' (a padding example has no real patch).
     """
+    return self._padded_batches(self.eval_source)
+
+  def split_batches(self, split, max_examples=None) -> Iterator[dict]:
+    """One pass over any `split` of the data set, made as `eval_batches` makes the eval split's
+    (un-augmented, padded, with 'mask'); for evaluators that read other splits.
+
+    `max_examples`: at most that many examples of the split, over all processes: a fixed random
+    subset of an in-memory split (the same for every run), the first records of a streamed tfds
+    split (tfds shuffles a split's records when it prepares it). A split that does not exist
+    is a UserError here, at the call, before any batch is read.
+    """
+    if max_examples is not None and max_examples < 1:
+      raise UserError(f'max_examples={max_examples} must be positive')
+    return self._padded_batches(self._source_of(split), max_examples)
+
+  def _source_of(self, split):
+    if split == self.train_split:
+      return self.train_source
+    if split == self.eval_split:
+      return self.eval_source
+    if split not in self._other_sources:
+      if self.load_split is None:
+        raise UserError(f'split {split!r}: these Datasets read only the splits '
+                        f'{self.train_split!r} and {self.eval_split!r}')
+      self._other_sources[split] = self.load_split(split)
+    return self._other_sources[split]
+
+  def _padded_batches(self, source, max_examples=None):
+    """The generator behind `eval_batches` and `split_batches`."""
     batch = self.local_eval_batch_size
-    source = self.eval_source
 
     def preprocess(payload, label):
       image = augment.to_rgb(source.decode(payload))
@@ -147,7 +181,7 @@ class Datasets:
 
     if isinstance(source, table_lib.Table):
       rows, num_batches = table_lib.eval_rows(
-          source, batch, self.process_index, self.process_count)
+          source, batch, self.process_index, self.process_count, max_examples)
       dataset = tf.data.Dataset.from_generator(
           lambda: (source.rows(rows[i:i + batch], keep_count=False)
                    for i in range(0, len(rows), batch)),
@@ -155,24 +189,29 @@ class Datasets:
       dataset = dataset.unbatch()
     else:
       dataset = source.eval_examples(self.process_index, self.process_count)
-      num_batches = source.num_eval_batches(batch, self.process_count)
+      num_batches = source.num_eval_batches(batch, self.process_count, max_examples)
+      if max_examples is not None:
+        dataset = dataset.take(-(-max_examples // self.process_count))
     dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(batch)
     if self.prefetch_batches:
       dataset = dataset.prefetch(self.prefetch_batches)
 
-    size = self.host_image_size
-    yielded = 0
-    for inputs, labels in self._read(dataset, source):
-      if yielded == num_batches:
-        break
-      yield _pad_batch(inputs, labels, batch)
-      yielded += 1
-    while yielded < num_batches:
-      empty = (naflex_lib.empty_inputs(self.naflex, 0) if self.naflex
-               else np.zeros((0, size, size, 3), np.uint8))
-      yield _pad_batch(empty, np.zeros((0,), np.int32), batch)
-      yielded += 1
+    def padded():
+      size = self.host_image_size
+      yielded = 0
+      for inputs, labels in self._read(dataset, source):
+        if yielded == num_batches:
+          break
+        yield _pad_batch(inputs, labels, batch)
+        yielded += 1
+      while yielded < num_batches:
+        empty = (naflex_lib.empty_inputs(self.naflex, 0) if self.naflex
+                 else np.zeros((0, size, size, 3), np.uint8))
+        yield _pad_batch(empty, np.zeros((0,), np.int32), batch)
+        yielded += 1
+
+    return padded()
 
 
 def _named_inputs(inputs):
@@ -248,7 +287,21 @@ def create_datasets(config, process_index: int = 0, process_count: int = 1) -> D
       eval_crop_fraction=config.aug.eval_crop_fraction,
       naflex=(naflex_lib.Spec(tuple(config.model_fields.patch_size), data.naflex_max_tokens)
               if data.naflex_max_tokens else None),
+      train_split=data.train_split,
+      eval_split=data.eval_split,
+      load_split=functools.partial(_load_split, config, list(class_names), process_index,
+                                   process_count),
   )
+
+
+def _load_split(config, class_names, process_index, process_count, split):
+  """The source of another split of config.data's data set (class names: the train split's)."""
+  data = config.data
+  if data.source == 'digits':
+    return digits.load(split)
+  if data.source == 'folder':
+    return folder.load_split(data.name, split, class_names, cache=data.cache)
+  return tfds_source.load_split(config, split, process_index, process_count)
 
 
 def _num_examples(source):

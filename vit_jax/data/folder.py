@@ -117,3 +117,16 @@ def load(root, train_split, eval_split, cache=False):
   return Loaded(train=_to_table(train_paths, train_labels, cache),
                 eval=_to_table(eval_paths, eval_labels, cache),
                 class_names=class_names, num_skipped_files=len(skipped), skipped_files=skipped)
+
+
+def load_split(root, split, class_names, cache=False):
+  """One more split of the folder `root` (for evaluators), labelled by the train split's
+  `class_names`; unreadable files are skipped with a warning, as `load` does."""
+  paths, labels, _ = _scan_split(root, split, class_names)
+  paths, labels, skipped = _drop_unreadable(paths, labels)
+  if skipped:
+    logging.warning('skipped %d unreadable image files under %s', len(skipped),
+                    os.path.join(root, split))
+  if not paths:
+    raise UserError(f'no readable images in {os.path.join(root, split)}')
+  return _to_table(paths, labels, cache)

@@ -140,15 +140,34 @@ class StreamIndex:
     return rows
 
 
-def eval_rows(table, local_batch, process_index, process_count):
+def eval_rows(table, local_batch, process_index, process_count, max_examples=None):
   """This process's eval rows of `table` and how many padded batches every process yields.
 
   The rows are a contiguous shard (the whole table when it is already this process's shard);
   every process yields the same number of batches, padded, so a multi-host eval step never
-  waits on a process that has run out.
+  waits on a process that has run out. `max_examples` (None: all) keeps at most that many of
+  the split's examples, over all processes: a random subset drawn from `SUBSET_SEED` alone
+  (so every run reads the same one), in table order.
   """
   if table.local_shard:
     largest_shard = -(-table.global_num_examples // process_count)
-    return np.arange(len(table)), -(-largest_shard // local_batch)
-  shards = np.array_split(np.arange(len(table)), process_count)
+    rows = np.arange(len(table))
+    if max_examples is not None:
+      largest_shard = min(largest_shard, -(-max_examples // process_count))
+      rows = _subset(rows, largest_shard, [SUBSET_SEED, process_index])
+    return rows, -(-largest_shard // local_batch)
+  rows = np.arange(len(table))
+  if max_examples is not None:
+    rows = _subset(rows, max_examples, [SUBSET_SEED])
+  shards = np.array_split(rows, process_count)
   return shards[process_index], -(-len(shards[0]) // local_batch)  # shard 0 is the largest
+
+
+SUBSET_SEED = 0
+
+
+def _subset(rows, count, seed):
+  """`count` of `rows` drawn without replacement by `seed`, in their order (all if fewer)."""
+  if count >= len(rows):
+    return rows
+  return np.sort(np.random.default_rng(seed).choice(rows, count, replace=False))

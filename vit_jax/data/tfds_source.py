@@ -104,8 +104,10 @@ class Stream:
     del process_count  # fixed when the stream was built
     return self._shard(process_index)
 
-  def num_eval_batches(self, local_batch, process_count):
+  def num_eval_batches(self, local_batch, process_count, max_examples=None):
     largest_shard = -(-self.num_examples // process_count)
+    if max_examples is not None:  # Each process reads the first of its shard.
+      largest_shard = min(largest_shard, -(-max_examples // process_count))
     return -(-largest_shard // local_batch)
 
 
@@ -175,7 +177,7 @@ def _check_split(builder, split, key):
     try:
       builder.info.splits[split]  # pylint: disable=pointless-statement
     except (KeyError, ValueError, AssertionError) as error:
-      raise UserError(f'config.data.{key}={split!r} does not fit {builder.name}; splits: '
+      raise UserError(f'{key}={split!r} does not fit {builder.name}; splits: '
                       f'{", ".join(known)}') from error
 
 
@@ -225,19 +227,35 @@ def load(config, process_index, process_count):
   data = config.data
   builder = _builder(data.name, data.data_dir)
   for key in ('train_split', 'eval_split'):
-    _check_split_syntax(data[key], key)
+    _check_split_syntax(data[key], f'config.data.{key}')
   _prepare(builder, config)
   image_key, label_key = _features(builder)
-  sources = []
-  for key in ('train_split', 'eval_split'):
-    _check_split(builder, data[key], key)
-    stream = Stream(builder=builder, split=data[key], image_key=image_key, label_key=label_key,
-                    num_examples=_num_examples(builder, data[key]),
-                    shuffle_buffer=data.shuffle_buffer, process_count=process_count)
-    sources.append(_cached_table(stream, process_index, stream.num_examples) if data.cache
-                   else stream)
+  sources = [_source(builder, config, data[key], f'config.data.{key}', image_key, label_key,
+                     process_index, process_count)
+             for key in ('train_split', 'eval_split')]
   class_names = list(builder.info.features[label_key].names)
   return Loaded(train=sources[0], eval=sources[1], class_names=class_names)
+
+
+def load_split(config, split, process_index, process_count):
+  """The source of one more `split` of config.data's data set (for evaluators), like `load`'s."""
+  builder = _builder(config.data.name, config.data.data_dir)
+  _check_split_syntax(split, 'evals.splits')
+  _prepare(builder, config)
+  image_key, label_key = _features(builder)
+  return _source(builder, config, split, 'evals.splits', image_key, label_key, process_index,
+                 process_count)
+
+
+def _source(builder, config, split, key, image_key, label_key, process_index, process_count):
+  """A Stream of `split`, or this process's shard of it in memory with data.cache."""
+  _check_split(builder, split, key)
+  stream = Stream(builder=builder, split=split, image_key=image_key, label_key=label_key,
+                  num_examples=_num_examples(builder, split),
+                  shuffle_buffer=config.data.shuffle_buffer, process_count=process_count)
+  if config.data.cache:
+    return _cached_table(stream, process_index, stream.num_examples)
+  return stream
 
 
 def _check_split_syntax(split, key):
@@ -245,5 +263,5 @@ def _check_split_syntax(split, key):
   try:
     tfds.core.ReadInstruction.from_spec(split)
   except (ValueError, AssertionError) as error:
-    raise UserError(f'config.data.{key}={split!r} is not a tfds split string '
+    raise UserError(f'{key}={split!r} is not a tfds split string '
                     "(e.g. 'train', 'train[:98%]', 'test[:1000]')") from error
