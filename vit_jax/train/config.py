@@ -60,6 +60,9 @@ DEFAULT_SHUFFLE_BUFFER = 50_000
 RESUMABLE_CHANGES = (
     'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints', 'plot_every_eval',
     'data.prefetch_batches', 'data.data_dir', 'data.download', 'pretrained.url', 'xla_flags',
+    # What is evaluated beyond the head, never what is trained.
+    'evals.knn_k', 'evals.knn_temperature', 'evals.fewshot_shots', 'evals.fewshot_l2',
+    'evals.splits', 'evals.max_train_examples',
 )
 # VisionTransformer fields that a config does not set: they come from the model name or data.
 _NAME_FIELDS = ('num_classes', 'patch_size', 'resnet_layers', 'resnet_width', 'parent', 'name')
@@ -220,6 +223,26 @@ def defaults():
       path=placeholder(str),
       url=placeholder(str),        # with path: fetched into it when online and absent
       format=placeholder(str),     # with path: auto (default) or a vit_jax.weights format
+  ))
+
+  # Evaluation beyond the head, at each eval (vit_jax/train/feature_evals.py): k-NN and
+  # few-shot linear probes on the frozen pre-logits (what the head reads) of the eval params.
+  # The train split (data.train_split) is the memory the neighbours and shots come from.
+  config.evals = ml_collections.ConfigDict(dict(
+      knn_k=0,                     # k nearest neighbours by cosine similarity, each voting
+                                   # exp(similarity / T) (DINO's k-NN; DINO reports k=20);
+                                   # metric knn_<k>_accuracy; 0: off
+      knn_temperature=placeholder(float),  # with knn_k: T (default 0.07, DINO's)
+      fewshot_shots=(),            # e.g. (1, 5, 10): closed-form ridge regression on that many
+                                   # train examples per class (a fixed draw); metric
+                                   # fewshot_<n>shot_accuracy; (): off
+      fewshot_l2=placeholder(float),  # with fewshot_shots: the ridge penalty (default 1024,
+                                      # big_vision's)
+      splits=(),                   # the splits evaluated, e.g. ('test', 'train[:2%]'); another
+                                   # split than data.eval_split adds _<split> to the metric
+                                   # names; (): data.eval_split
+      max_train_examples=placeholder(int),  # with an evaluator: the memory is at most this many
+                                            # train examples (a fixed subset); None: all
   ))
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
@@ -530,6 +553,55 @@ def _resolve_distill(distill):
     raise UserError(f'distill.temperature={distill.temperature} must be positive')
 
 
+def _resolve_evals(config, model_fields):
+  """The feature evaluators: k, temperature, shots, the ridge penalty, splits, the memory cap."""
+  evals = config.evals
+  knn_k, shots = evals.knn_k, tuple(evals.fewshot_shots or ())
+  if isinstance(knn_k, bool) or not isinstance(knn_k, int) or knn_k < 0:
+    raise UserError(f'evals.knn_k={knn_k!r} must be an integer >= 0 (0: off; DINO reports 20)')
+  if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shots):
+    raise UserError(f'evals.fewshot_shots={shots} must be positive integers (examples per '
+                    'class), e.g. (1, 5, 10)')
+  if len(set(shots)) != len(shots):
+    raise UserError(f'evals.fewshot_shots={shots} lists a number twice')
+  evals.fewshot_shots = shots
+  _only_with(evals, 'knn_temperature', (knn_k > 0, 'with evals.knn_k=0'), 0.07)
+  if evals.knn_temperature is not None and not evals.knn_temperature > 0:
+    raise UserError(f'evals.knn_temperature={evals.knn_temperature} must be positive')
+  _only_with(evals, 'fewshot_l2', (bool(shots), 'without evals.fewshot_shots'), 2.0 ** 10)
+  if evals.fewshot_l2 is not None and not evals.fewshot_l2 > 0:
+    raise UserError(f'evals.fewshot_l2={evals.fewshot_l2} must be positive')
+  enabled = (knn_k > 0 or bool(shots), 'without evals.knn_k or evals.fewshot_shots')
+  _only_with(evals, 'max_train_examples', enabled, None)  # None: the whole train split.
+  if evals.max_train_examples is not None and evals.max_train_examples < 1:
+    raise UserError(f'evals.max_train_examples={evals.max_train_examples} must be positive')
+  splits = tuple(evals.splits or ())
+  if not enabled[0]:
+    if splits:
+      raise UserError(f'evals.splits={splits} has no effect {enabled[1]}; remove it')
+    evals.splits = ()
+    return
+  if any(not isinstance(split, str) or not split for split in splits):
+    raise UserError(f'evals.splits={splits} must be split names, e.g. (\'test\', \'train[:2%]\')')
+  splits = splits or (config.data.eval_split,)
+  suffixes = [split_suffix(split) for split in splits]
+  if len(set(suffixes)) != len(suffixes):
+    raise UserError(f'evals.splits={splits} lists a split twice (as metric names: '
+                    f'{", ".join(suffixes)})')
+  evals.splits = splits
+  if model_fields.get('classifier') == 'unpooled':
+    raise UserError(f'evals.knn_k={knn_k}, evals.fewshot_shots={shots}: feature evals need '
+                    "one feature vector per image, and model.classifier='unpooled' gives one "
+                    'per patch; use token, gap or map')
+
+
+def split_suffix(split):
+  """A split as a metric-name suffix: 'train[:50%]' -> 'train_to_50pct' ('%' is 'pct', ':'
+  is 'to', every other run of other characters one '_')."""
+  spelled = split.replace('%', 'pct').replace(':', '_to_')
+  return re.sub(r'[^A-Za-z0-9]+', '_', spelled).strip('_')
+
+
 def resolve(config, device_count=None, process_count=1):
   """Checks `config` once and fills every default that depends on a choice.
 
@@ -571,6 +643,7 @@ def resolve(config, device_count=None, process_count=1):
   _resolve_optimizer(config)
   _resolve_pretrained(config.pretrained)
   _resolve_distill(config.distill)
+  _resolve_evals(config, model_fields)
   config.model_fields = model_fields
   return ml_collections.FrozenConfigDict(config)
 
