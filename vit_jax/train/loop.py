@@ -22,6 +22,7 @@ from vit_jax.train import config as config_lib
 from vit_jax.train import curves
 from vit_jax.train import distill
 from vit_jax.train import evaluate as evaluate_lib
+from vit_jax.train import feature_evals as feature_evals_lib
 from vit_jax.train import flexi
 from vit_jax.train import flops as flops_lib
 from vit_jax.train import out_of_memory
@@ -52,6 +53,7 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
   num_classes = datasets.num_classes
   teacher = distill.load_teacher(config, num_classes, log) if distill.enabled(config) else None
   run = build.parts(config, num_classes, teacher=teacher)
+  feature_evals = feature_evals_lib.create(config, datasets, run, log)  # None: config.evals off
   state = _initial_state(config, run, files, num_classes, log)
   # A train step's arguments after (state, batch): the teacher's params, laid out as the
   # student's are, when distilling.
@@ -126,6 +128,8 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
           eval_metrics.update(flexi.metric_names(
               evaluate_lib.evaluate(eval_step, eval_params, datasets, run.mesh, num_classes),
               patch_size, run.eval_patch_size))
+        if feature_evals is not None:  # k-NN and few-shot accuracies of the frozen features
+          eval_metrics.update(feature_evals(eval_params))
         writer.write(step, eval_metrics)
         writer.flush()
         final_metrics = dict(eval_metrics, step=step)
