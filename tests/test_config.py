@@ -58,6 +58,8 @@ def base(name):
     config.data.name = 'cifar10'
     config.aug.update(crop='random_crop', random_crop_pad=2, randaugment_layers=2)
     config.schedule.name = 'rsqrt'
+    # A context for evals.knn_temperature, fewshot_l2, splits and max_train_examples.
+    config.evals.update(knn_k=20, fewshot_shots=(5,))
   elif name == 'folder_lamb':
     config.model_name = 'ViT-Ti/8'
     config.data.update(source='folder', name='/data/images')
@@ -98,6 +100,7 @@ ALTERNATIVES = {
     'flexi.eval_patch_size': [4, 8],
     'distill.teacher': ['/weights/other_teacher.npz'], 'distill.teacher_format': ['npz'],
     'distill.teacher_model': ['ViT-B/16'], 'distill.kind': ['hard', 'soft'],
+    'evals.fewshot_shots': [(1, 5)], 'evals.splits': [('test', 'train[:2%]')],
 }
 
 
