@@ -618,7 +618,7 @@ def resolve(config, device_count=None, process_count=1):
   Raises:
     UserError: the first key that cannot work, naming it and what would be valid.
   """
-  plain = config.to_dict()
+  plain = _lists_as_tuples(config.to_dict())
   plain.pop('model_fields', None)  # Derived here again when a resolved config comes back.
   config = ml_collections.ConfigDict(plain)  # A mutable copy to fill in.
   _positive('total_steps', config.total_steps)
@@ -646,6 +646,16 @@ def resolve(config, device_count=None, process_count=1):
   _resolve_evals(config, model_fields)
   config.model_fields = model_fields
   return ml_collections.FrozenConfigDict(config)
+
+
+def _lists_as_tuples(tree):
+  """Sequences as tuples, as configs write them: config.json gives lists back, and a run read
+  from it must equal (and resume as) the run that wrote it."""
+  if isinstance(tree, dict):
+    return {key: _lists_as_tuples(value) for key, value in tree.items()}
+  if isinstance(tree, list):
+    return tuple(_lists_as_tuples(value) for value in tree)
+  return tree
 
 
 def _check_devices(config, device_count, check_mesh):
