@@ -198,7 +198,10 @@ def _knn(memory, memory_labels, memory_valid, queries, temperature, *, k, num_cl
   def predict(query_chunk):  # (chunk, width) -> (chunk,)
     similarities = jnp.matmul(query_chunk, memory.T, precision=_HIGHEST)  # (chunk, rows)
     similarities = jnp.where(memory_valid[None, :], similarities, -jnp.inf)
-    top_similarities, top_rows = jax.lax.top_k(similarities, k)  # (chunk, k), best first
+    # (chunk, k), best first. The barrier keeps XLA from fusing the product and the top-k into
+    # each use of their result below (on CPU that recomputed them: ten times slower).
+    top_similarities, top_rows = jax.lax.optimization_barrier(
+        jax.lax.top_k(similarities, k))
     # exp(s / T) relative to the best neighbour's: the same vote, without overflow at small T.
     weights = jnp.exp((top_similarities - top_similarities[:, :1]) / temperature)
     votes = jnp.einsum('qk,qkc->qc', weights,
