@@ -243,6 +243,37 @@ def test_a_split_that_does_not_exist_fails_when_the_evaluator_is_made():
     feature_evals.create(config, datasets, run)
 
 
+@pytest.mark.parametrize('model', [dict(classifier='map'), dict(representation_size=8),
+                                   dict(distilled=True, classifier='token')])
+def test_the_features_are_what_the_head_reads(model):
+  """feature_step on the full params tree (head included) gives the pre-logits: the head of
+  the same params maps them to the model's logits. A distilled model's features are the mean
+  of its class and distillation tokens: with its two heads made equal, that is exactly what
+  the mean of the heads reads."""
+  from vit_jax.data import device
+  from vit_jax.data import digits
+  from vit_jax.train import build
+  config = digits_config(knn_k=5)
+  config.model.update(model)
+  config = config_lib.resolve(config, 1)
+  full = build.model_from_config(config, 10)
+  params = full.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))['params']
+  heads = [name for name in ('head', 'head_dist') if name in params]
+  # Heads are zero-initialised; random here so that the check means something.
+  params['head'] = jax.tree_util.tree_map(
+      lambda p: jax.random.normal(jax.random.key(1), p.shape), params['head'])
+  if 'head_dist' in params:
+    params['head_dist'] = params['head']
+  images = digits.load('test').pixels[:4]
+  batch = {'images': images, 'labels': np.zeros(4, np.int32), 'mask': np.ones(4, np.float32)}
+  features = feature_evals.feature_step(params, batch, model=build.model_from_config(config, None),
+                                        image_size=16)['features']
+  logits = full.apply({'params': params}, device.preprocess(images, 16), train=False)
+  from_features = np.mean([features @ params[name]['kernel'] + params[name]['bias']
+                           for name in heads], axis=0)
+  np.testing.assert_allclose(from_features, logits, rtol=1e-4, atol=1e-4)
+
+
 def evaluator_for(workdir_config, **evals):
   """The evaluator of a restored run's config with `evals` on, and its data (CPU, one device)."""
   from vit_jax import data as data_lib
