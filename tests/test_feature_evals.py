@@ -274,6 +274,26 @@ def test_the_features_are_what_the_head_reads(model):
   np.testing.assert_allclose(from_features, logits, rtol=1e-4, atol=1e-4)
 
 
+def test_naflex_batches_give_features_too():
+  """With data.naflex_max_tokens the evaluator reads patch batches (each digit at its own grid)
+  through the same model inputs as the eval step; even an untrained model's features find the
+  digits' neighbours far above chance."""
+  from vit_jax import data as data_lib
+  from vit_jax.train import build
+  config = digits_config(knn_k=5, fewshot_shots=(5,), splits=('test', 'train'))
+  config.aug.update(crop='resize', random_crop_pad=0)
+  config.data.update(host_image_size=None, naflex_max_tokens=4)
+  config = config_lib.resolve(config, jax.device_count())
+  datasets = data_lib.create_datasets(config)
+  assert 'patches' in next(datasets.split_batches('train'))
+  run = build.parts(config, datasets.num_classes)
+  metrics = feature_evals.create(config, datasets, run, log=lambda *a: None)(
+      run.new_state().params)
+  assert set(metrics) == {'knn_5_accuracy', 'fewshot_5shot_accuracy', 'knn_5_accuracy_train',
+                          'fewshot_5shot_accuracy_train'}
+  assert metrics['knn_5_accuracy'] > 0.5, metrics
+
+
 def evaluator_for(workdir_config, **evals):
   """The evaluator of a restored run's config with `evals` on, and its data (CPU, one device)."""
   from vit_jax import data as data_lib

@@ -72,9 +72,10 @@ def create(config, datasets, run, log=print):
 
 
 def feature_step(params, batch, *, model, image_size, patch_size=None):
-  """One padded eval batch -> float32 features (batch, width) of `model` (built without a
-  head: a params tree that has one is read without it), with the labels and mask."""
-  images = device_data.preprocess(batch['images'], image_size)
+  """One padded eval batch (square images or NaFlex patches) -> float32 features (batch,
+  width) of `model` (built without a head: a params tree that has one is read without it),
+  with the labels and mask."""
+  images = device_data.model_inputs(batch, image_size)  # or NaFlex patches
   kwargs = {} if patch_size is None else {'patch_size': (patch_size, patch_size)}
   features = model.apply({'params': params}, images, train=False, **kwargs)
   return {'features': features.astype(jnp.float32), 'labels': batch['labels'],
