@@ -1,10 +1,12 @@
 """The benchmark CLI, the FLOP counts MFU is built on, and the peak FLOP/s table."""
 
 import json
+import math
 import types
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import run_python
 
@@ -19,16 +21,24 @@ from vit_jax.train import flops
 from vit_jax.tools import memory
 from vit_jax.errors import UserError
 
-REQUIRED_KEYS = ('device', 'compile_s', 'train_step_ms', 'train_img_per_sec', 'eval_img_per_sec',
-                 'data_img_per_sec', 'train_mfu', 'eval_mfu', 'peak_memory_bytes')
+REQUIRED_KEYS = ('device', 'train_compile_s', 'eval_compile_s', 'train_step_ms',
+                 'train_img_per_sec', 'eval_img_per_sec', 'data_img_per_sec', 'train_mfu',
+                 'eval_mfu', 'peak_memory_bytes', 'textbook_step_ms', 'step_overhead',
+                 'textbook_compile_s', 'compile_overhead')
 TINY = ['--config.model.hidden_size=32', '--config.model.num_layers=1',
         '--config.model.num_heads=2', '--config.model.mlp_dim=64', '--config.batch_size=16',
         '--config.eval_batch_size=8']
 
 
-def test_benchmark_cli_prints_every_figure_as_json_last():
+def test_benchmark_cli_prints_every_figure_as_json_last(tmp_path):
+  # The command compiles afresh: a persistent cache in the environment is neither read nor
+  # written (the tests' own cache would otherwise turn compile times into cache reads).
+  cache = tmp_path / 'xla_cache'
   result = run_python(['-m', 'vit_jax.tools.benchmark', '--config', 'configs/quickstart.py', *TINY,
-                       '--steps', '2', '--repeats', '2', '--warmup', '1', '--data_batches', '2'])
+                       '--steps', '2', '--repeats', '2', '--warmup', '1', '--data_batches', '2',
+                       '--baseline'],
+                      env={'JAX_COMPILATION_CACHE_DIR': str(cache),
+                           'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'})
   assert result.returncode == 0, result.stderr[-2000:]
   lines = result.stdout.strip().splitlines()
   figures = json.loads(lines[-1])
@@ -37,14 +47,64 @@ def test_benchmark_cli_prints_every_figure_as_json_last():
   assert figures['device'] == 'cpu' and figures['platform'] == 'cpu'
   assert figures['batch_size'] == 16 and figures['eval_batch_size'] == 8
   assert figures['num_classes'] == 10  # From the digits data set, which was built and timed.
-  for key in ('compile_s', 'train_step_ms', 'train_img_per_sec', 'eval_img_per_sec',
-              'data_img_per_sec', 'train_flops_per_step', 'peak_memory_bytes'):
+  for key in ('train_compile_s', 'eval_compile_s', 'train_step_ms', 'train_img_per_sec',
+              'eval_img_per_sec', 'data_img_per_sec', 'train_flops_per_step', 'peak_memory_bytes',
+              'textbook_step_ms', 'textbook_compile_s'):
     assert figures[key] > 0, key
   assert figures['train_img_per_sec'] == pytest.approx(16 / figures['train_step_ms'] * 1e3)
+  assert figures['step_overhead'] == pytest.approx(
+      figures['train_step_ms'] / figures['textbook_step_ms'])
+  assert figures['compile_overhead'] == pytest.approx(
+      figures['train_compile_s'] / figures['textbook_compile_s'])
+  for key in ('step_overhead', 'compile_overhead'):
+    assert math.isfinite(figures[key]) and figures[key] > 0, key
+  assert figures['persistent_compilation_cache'] is False
+  assert not cache.exists() or not any(cache.iterdir())
   # CPU has no peak in the table: no MFU rather than a made-up one.
   assert figures['train_mfu'] is None and figures['eval_mfu'] is None
   assert figures['peak_memory_source'] == 'XLA memory plan of the train step'
-  assert any(line.startswith('train step') for line in lines[:-1])  # The table comes first.
+  table = lines[:-1]  # The table comes first.
+  for row in ('train step', 'compile train / eval', 'textbook train step', 'step overhead',
+              'textbook compile', 'compile overhead'):
+    assert any(line.startswith(row + ' ') for line in table), row
+
+
+def test_without_baseline_the_textbook_figures_are_null(monkeypatch):
+  config = quickstart.get_config()
+  with config.unlocked():
+    config.model.update(hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32)
+    config.batch_size, config.eval_batch_size = 8, 8
+  figures = benchmark.run(config, num_classes=10, steps=1, repeats=1, warmup=0, skip_data=True)
+  assert figures['train_step_ms'] > 0 and figures['train_compile_s'] > 0
+  assert all(figures[key] is None for key in benchmark.TEXTBOOK_KEYS)
+  with pytest.raises(UserError, match='--baseline'):
+    benchmark.run(config, data_only=True, baseline=True)
+
+
+def test_textbook_step_is_ours_without_the_extras_and_trains():
+  # From the same init on the same batch, the textbook step's first loss is our step's (the
+  # same model, images and labels), and its loss falls as it trains on that batch.
+  config = quickstart.get_config()
+  with config.unlocked():
+    config.model.update(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
+    config.batch_size = 16
+    config.schedule.warmup_steps = 0
+  config = config_lib.resolve(config, jax.device_count())
+  run_parts = build.parts(config, 10)
+  batch = benchmark.synthetic_batch(config, 16, 10, run_parts.mesh, np.random.default_rng(0))
+  _, ours = run_parts.train_fn(run_parts.new_state(), batch)
+  state = run_parts.new_state()
+  params, opt_state = state.params, state.opt_state
+  step = benchmark.textbook_step_function(run_parts)
+  inputs = benchmark.textbook_inputs(config, run_parts, batch, 10)
+  assert inputs[0].shape == (16, 16, 16, 3) and inputs[0].dtype == jnp.float32
+  losses = []
+  for _ in range(6):
+    params, opt_state, loss = step(params, opt_state, *inputs)
+    losses.append(float(loss))
+  assert losses[0] == pytest.approx(float(ours['train_loss']), rel=1e-5)
+  assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
+  assert losses[-1] < losses[0] - 0.1, losses
 
 
 def test_bad_flags_are_one_line_errors():

@@ -125,7 +125,8 @@ def test_bad_only_name_is_a_one_line_error(tmp_path):
 def test_table_compares_with_the_baseline_and_shows_errors():
   gib = 2 ** 30
   common = dict(device='NVIDIA H100 80GB HBM3', device_count=1, jax_version='0.10.2',
-                date='2026-01-02', batch_size=256, eval_img_per_sec=3000.0, compile_s=12.34, eval_mfu=0.5)
+                date='2026-01-02', batch_size=256, eval_img_per_sec=3000.0, train_compile_s=12.34,
+                eval_mfu=0.5)
   rows = [
       dict(variant='batch=1024', error='RESOURCE_EXHAUSTED: Out of memory | 80 GiB'),
       dict(common, variant='baseline', train_step_ms=250.0, train_img_per_sec=1000.0,
@@ -134,6 +135,10 @@ def test_table_compares_with_the_baseline_and_shows_errors():
            train_mfu=None, eval_mfu=None, peak_memory_bytes=None),
       dict(common, variant='dtype=float32', train_step_ms=500.0, train_img_per_sec=500.0,
            train_mfu=0.2, peak_memory_bytes=30 * gib),
+      # A row from before the key was train_compile_s.
+      dict({k: v for k, v in common.items() if k != 'train_compile_s'}, compile_s=45.67,
+           variant='remat=full', train_step_ms=300.0, train_img_per_sec=850.0, train_mfu=0.3,
+           peak_memory_bytes=10 * gib),
       # A later success replaces the variant's earlier error; a later error no earlier success.
       dict(common, variant='batch=1024', batch_size=1024, train_step_ms=900.0, train_img_per_sec=1138.0,
            train_mfu=0.5, peak_memory_bytes=70 * gib),
@@ -142,7 +147,8 @@ def test_table_compares_with_the_baseline_and_shows_errors():
   lines = benchmark_sweep.format_table(rows).splitlines()
   assert lines[0] == 'device: 1 x NVIDIA H100 80GB HBM3, jax 0.10.2, date 2026-01-02'
   table = {line.split(' | ')[0].lstrip('| '): line for line in lines[4:]}
-  assert list(table) == ['batch=1024', 'baseline', 'scan', 'dtype=float32']
+  assert list(table) == ['batch=1024', 'baseline', 'scan', 'dtype=float32', 'remat=full']
+  assert table['remat=full'].endswith('| 10 | 45.7 | -15.0% |')
   assert table['baseline'] == ('| baseline | 256 | 250.0 | 1,000 | 41.2% | 3,000 | 50.0% | 20 | 12.3 |'
                                '  |')
   assert table['scan'].endswith('| n/a | 3,000 | n/a | n/a | 12.3 | +12.3% |')

@@ -10,6 +10,18 @@ is timed separately through `vit_jax.data.measure_host_throughput`. MFU is the s
 FLOPs (XLA's cost analysis with scan and remat off, `vit_jax.train.flops.model_flops_per_step`) per
 device, divided by step time and the device's peak bf16 FLOP/s; it is null where the peak is
 unknown (CPU). The last line printed is one JSON object.
+
+`--baseline` also builds a textbook train step on the same model, optimizer (the same optax
+transformation) and batch: `jax.value_and_grad` of the softmax cross-entropy, `tx.update` and
+`optax.apply_updates`, nothing else (the images already resized and normalised, one-hot
+labels), jitted with the same shardings and state donation. Both steps are timed in turns in
+this process (ours, textbook, ours, ...), and the JSON line adds `textbook_step_ms`,
+`step_overhead` (ours / textbook, medians), `textbook_compile_s` and `compile_overhead` (our
+train step's compile / the textbook's). What our step does beyond the textbook (uint8 resize and
+normalisation, the non-finite guard, mixup, EMA, the metrics) is what the overhead measures.
+
+Compile times are fresh compiles: the command switches jax's persistent compilation cache off
+for its own process, whatever JAX_COMPILATION_CACHE_DIR says.
 """
 
 import json
@@ -49,6 +61,9 @@ def parse_flags(argv):
       data_only=flags.DEFINE_bool('data_only', False,
                                   'Time the input pipeline alone (a host with no accelerator).'),
       data_batches=flags.DEFINE_integer('data_batches', 20, 'Host batches timed.'),
+      baseline=flags.DEFINE_bool(
+          'baseline', False, 'Also time a textbook train step (value_and_grad, tx.update, '
+          'apply_updates) on the same model, optimizer and batch, in turns with ours.'),
       max_batch=flags.DEFINE_bool(
           'max_batch', False, 'Find the largest batch (batch_size times a power of two) whose '
           "train step fits the device's memory, per XLA's plan, and time that batch."),
@@ -81,16 +96,23 @@ def measure_data(config, num_batches):
 
 def time_calls(call, steps, repeats):
   """Median seconds per call of `call()` over `repeats` runs of `steps` calls each."""
+  return time_interleaved([call], steps, repeats)[0]
+
+
+def time_interleaved(calls, steps, repeats):
+  """Median seconds per call of each of `calls`, timed in turns: each repeat runs `steps` calls
+  of the first, then of the second, ..., so a machine's changing load falls on all of them."""
   import jax
-  per_call = []
+  per_call = [[] for _ in calls]
   for _ in range(repeats):
-    start = time.perf_counter()
-    out = None
-    for _ in range(steps):
-      out = call()
-    jax.block_until_ready(out)
-    per_call.append((time.perf_counter() - start) / steps)
-  return statistics.median(per_call)
+    for call, times in zip(calls, per_call):
+      start = time.perf_counter()
+      out = None
+      for _ in range(steps):
+        out = call()
+      jax.block_until_ready(out)
+      times.append((time.perf_counter() - start) / steps)
+  return [statistics.median(times) for times in per_call]
 
 
 def synthetic_batch(config, size, num_classes, mesh, rng, with_mask=False):
@@ -114,8 +136,59 @@ def synthetic_batch(config, size, num_classes, mesh, rng, with_mask=False):
   return sharding.global_batch(batch, mesh)
 
 
-def benchmark_steps(config, num_classes, steps, repeats, warmup):
-  """Compiles and times the trainer's train and eval steps on one synthetic device batch."""
+def textbook_step_function(run_parts):
+  """The textbook train step on `run_parts`' model and optimizer, jitted like ours.
+
+  `(params, opt_state, images, one_hot_labels, dropout_key) -> (params, opt_state, loss)`:
+  `value_and_grad` of the mean softmax cross-entropy, `tx.update`, `optax.apply_updates`;
+  images float (batch, size, size, 3) already normalised. The params and optimizer state are
+  donated and laid out as the train state's are.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from vit_jax.train import sharding
+  model, tx = run_parts.model, run_parts.tx
+
+  def textbook_step(params, opt_state, images, one_hot_labels, dropout_key):
+    def loss_fn(params):
+      logits = model.apply({'params': params}, images, train=True, rngs={'dropout': dropout_key})
+      return optax.softmax_cross_entropy(logits.astype(jnp.float32), one_hot_labels).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  state_shardings = run_parts.state_shardings
+  batch_sharding = sharding.batch_sharding(run_parts.mesh)
+  replicated = sharding.replicated(run_parts.mesh)
+  return jax.jit(
+      textbook_step,
+      in_shardings=(state_shardings.params, state_shardings.opt_state, batch_sharding,
+                    batch_sharding, replicated),
+      out_shardings=(state_shardings.params, state_shardings.opt_state, replicated),
+      donate_argnums=(0, 1))
+
+
+def textbook_inputs(config, run_parts, train_batch, num_classes):
+  """`(images, one_hot_labels, dropout_key)` for the textbook step, from our uint8 batch: the
+  same images resized and normalised once, on the device, with the same layout."""
+  import jax
+  from vit_jax.data import device as device_data
+  from vit_jax.train import sharding
+  batch_sharding = sharding.batch_sharding(run_parts.mesh)
+  prepare = jax.jit(
+      lambda batch: (device_data.preprocess(batch['images'], config.image_size),
+                     jax.nn.one_hot(batch['labels'], num_classes)),
+      out_shardings=(batch_sharding, batch_sharding))
+  images, one_hot_labels = prepare(train_batch)
+  dropout_key = jax.device_put(run_parts.init_key, sharding.replicated(run_parts.mesh))
+  return images, one_hot_labels, dropout_key
+
+
+def benchmark_steps(config, num_classes, steps, repeats, warmup, baseline=False):
+  """Compiles and times the trainer's train and eval steps on one synthetic device batch; with
+  `baseline`, the textbook step too (`textbook_step_function`), timed in turns with ours."""
   import jax
   import numpy as np
   from vit_jax.train import build
@@ -131,9 +204,11 @@ def benchmark_steps(config, num_classes, steps, repeats, warmup):
   eval_batch = synthetic_batch(config, eval_batch_size, num_classes, run_parts.mesh, rng,
                                with_mask=True)
 
+  # Ours is compiled first: whatever a first compile in the process pays once (after the
+  # init's) falls on our figure, not the textbook's.
   start = time.perf_counter()
   compiled_train = run_parts.train_fn.lower(state, train_batch).compile()
-  compile_s = time.perf_counter() - start
+  train_compile_s = time.perf_counter() - start
   start = time.perf_counter()
   compiled_eval = run_parts.eval_fn.lower(state.params, eval_batch).compile()
   eval_compile_s = time.perf_counter() - start
@@ -147,7 +222,33 @@ def benchmark_steps(config, num_classes, steps, repeats, warmup):
   eval_call = lambda: compiled_eval(holder['state'].params, eval_batch)
   for _ in range(warmup):
     jax.block_until_ready((train_call(), eval_call()))
-  train_s = time_calls(train_call, steps, repeats)
+
+  textbook = {}
+  if baseline:
+    textbook_state = run_parts.new_state()  # The same init as ours: the same seed.
+    inputs = textbook_inputs(config, run_parts, train_batch, num_classes)
+    start = time.perf_counter()
+    compiled_textbook = textbook_step_function(run_parts).lower(
+        textbook_state.params, textbook_state.opt_state, *inputs).compile()
+    textbook_compile_s = time.perf_counter() - start
+    textbook_holder = [textbook_state.params, textbook_state.opt_state]
+    del textbook_state
+
+    def textbook_call():
+      textbook_holder[0], textbook_holder[1], loss = compiled_textbook(*textbook_holder, *inputs)
+      return loss
+
+    for _ in range(warmup):
+      jax.block_until_ready(textbook_call())
+    train_s, textbook_s = time_interleaved([train_call, textbook_call], steps, repeats)
+    textbook = {
+        'textbook_step_ms': 1e3 * textbook_s,
+        'step_overhead': train_s / textbook_s,
+        'textbook_compile_s': textbook_compile_s,
+        'compile_overhead': train_compile_s / textbook_compile_s,
+    }
+  else:
+    train_s = time_calls(train_call, steps, repeats)
   eval_s = time_calls(eval_call, steps, repeats)
 
   # MFU counts the model's FLOPs (scan and accumulation loops unrolled, no remat recompute);
@@ -156,7 +257,7 @@ def benchmark_steps(config, num_classes, steps, repeats, warmup):
   per_device = lambda value: None if value is None else value / jax.device_count()
   peak_memory, memory_source = _peak_memory(compiled_train)
   return {
-      'compile_s': compile_s,
+      'train_compile_s': train_compile_s,
       'eval_compile_s': eval_compile_s,
       'train_step_ms': 1e3 * train_s,
       'eval_step_ms': 1e3 * eval_s,
@@ -171,6 +272,8 @@ def benchmark_steps(config, num_classes, steps, repeats, warmup):
       'peak_flops_per_device': flops_lib.peak_flops_per_device(),
       'peak_memory_bytes': peak_memory,
       'peak_memory_source': memory_source,
+      **dict.fromkeys(TEXTBOOK_KEYS),
+      **textbook,
   }
 
 
@@ -218,20 +321,24 @@ def find_max_batch(config, num_classes, memory_limit_gib=None):
 
 
 
+TEXTBOOK_KEYS = ('textbook_step_ms', 'step_overhead', 'textbook_compile_s', 'compile_overhead')
 STEP_KEYS = (
-    'compile_s', 'eval_compile_s', 'train_step_ms', 'eval_step_ms', 'train_img_per_sec',
+    'train_compile_s', 'eval_compile_s', 'train_step_ms', 'eval_step_ms', 'train_img_per_sec',
     'eval_img_per_sec', 'train_flops_per_step', 'eval_flops_per_step',
-    'compiled_train_flops_per_device', 'compiled_eval_flops_per_device', 'train_mfu', 'eval_mfu', 'peak_flops_per_device',
-    'peak_memory_bytes', 'peak_memory_source')
+    'compiled_train_flops_per_device', 'compiled_eval_flops_per_device', 'train_mfu', 'eval_mfu',
+    'peak_flops_per_device', 'peak_memory_bytes', 'peak_memory_source') + TEXTBOOK_KEYS
 
 
 def run(config, *, num_classes=None, steps=10, repeats=3, warmup=2, skip_data=False,
-        data_only=False, data_batches=20, max_batch=False, memory_limit_gib=None):
+        data_only=False, data_batches=20, max_batch=False, memory_limit_gib=None,
+        baseline=False):
   """All the figures as one dict (the JSON line); `None` where a figure is not available."""
   if data_only and skip_data:
     raise UserError('--data_only and --skip_data leave nothing to time; pass one of them')
   if data_only and max_batch:
     raise UserError('--max_batch searches the train step, which --data_only does not run')
+  if data_only and baseline:
+    raise UserError('--baseline compares train steps, which --data_only does not run')
   import flax
   import jax
   import jaxlib
@@ -260,6 +367,10 @@ def run(config, *, num_classes=None, steps=10, repeats=3, warmup=2, skip_data=Fa
       'jaxlib_version': jaxlib.__version__,
       'flax_version': flax.__version__,
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      # Whether a compile could have come from jax's persistent cache (the command line turns
+      # it off; a caller of `run` may not have).
+      'persistent_compilation_cache': bool(jax.config.jax_enable_compilation_cache
+                                           and jax.config.jax_compilation_cache_dir),
       'model_name': config.model_name,
       'image_size': config.image_size,
       'host_image_size': config.data.host_image_size,
@@ -274,7 +385,7 @@ def run(config, *, num_classes=None, steps=10, repeats=3, warmup=2, skip_data=Fa
   if data_only:
     results.update(dict.fromkeys(STEP_KEYS))
   else:
-    results.update(benchmark_steps(config, num_classes, steps, repeats, warmup))
+    results.update(benchmark_steps(config, num_classes, steps, repeats, warmup, baseline))
   results.update(search)
   results['data_img_per_sec'] = data_img_per_sec
   results['data_error'] = data_error
@@ -301,7 +412,7 @@ def format_table(results):
   ]
   if r['train_step_ms'] is not None:
     rows += [
-        ('compile train / eval', f'{r["compile_s"]:.1f} s / {r["eval_compile_s"]:.1f} s'),
+        ('compile train / eval', f'{r["train_compile_s"]:.1f} s / {r["eval_compile_s"]:.1f} s'),
         ('train step', f'{r["train_step_ms"]:.1f} ms, {_fmt(r["train_img_per_sec"])} img/s'),
         ('eval step', f'{r["eval_step_ms"]:.1f} ms, {_fmt(r["eval_img_per_sec"])} img/s'),
         ('model FLOPs train / eval', f'{_fmt(r["train_flops_per_step"], " G", 1e9)} / '
@@ -317,6 +428,15 @@ def format_table(results):
         ('peak memory', _fmt(r['peak_memory_bytes'], ' GiB', 2 ** 30)
          + (f' ({r["peak_memory_source"]})' if r['peak_memory_source'] else '')),
     ]
+  if r.get('step_overhead') is not None:
+    rows += [
+        ('textbook train step', f'{r["textbook_step_ms"]:.1f} ms (value_and_grad + tx.update '
+                                '+ apply_updates, same model, optimizer and batch)'),
+        ('step overhead', f'{r["step_overhead"]:.3f}x (ours / textbook, medians of interleaved '
+                          'repeats)'),
+        ('textbook compile', f'{r["textbook_compile_s"]:.1f} s'),
+        ('compile overhead', f'{r["compile_overhead"]:.3f}x (our train step / textbook)'),
+    ]
   if r.get('max_batch_size'):
     rows.append(('largest batch that fits', f'{r["max_batch_size"]} (XLA plan within '
                  f'{r["memory_limit_bytes"] / 2**30:.2f} GiB per device; tried '
@@ -330,6 +450,10 @@ def format_table(results):
 def main(argv):
   config, options = parse_flags(argv)
   cli.apply_xla_flags(config)  # Before the backend starts: XLA reads XLA_FLAGS once.
+  import jax
+  # Compile time is a figure here, not a cost to save: no executable from an earlier run's
+  # cache. Set before anything compiles (jax decides once per process whether to use it).
+  jax.config.update('jax_enable_compilation_cache', False)
   results = run(config, **options)
   print(format_table(results))
   print(json.dumps(results), flush=True)
