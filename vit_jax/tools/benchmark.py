@@ -372,6 +372,9 @@ def run(config, *, num_classes=None, steps=10, repeats=3, warmup=2, skip_data=Fa
       'persistent_compilation_cache': bool(jax.config.jax_enable_compilation_cache
                                            and jax.config.jax_compilation_cache_dir),
       'model_name': config.model_name,
+      # A distilling config's steps are timed for the student alone: the benchmark reads no
+      # teacher file, so the teacher's forward (in the real step) is not in these figures.
+      'distill_teacher_included': False if config.distill.teacher else None,
       'image_size': config.image_size,
       'host_image_size': config.data.host_image_size,
       'batch_size': config.batch_size,

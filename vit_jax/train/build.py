@@ -135,11 +135,12 @@ class Parts(NamedTuple):
 def parts(config, num_classes, mesh=None, teacher=None, **model_overrides):
   """`Parts` for `config` with a `num_classes` head; `mesh` defaults to `config.mesh`'s.
 
-  `teacher`: the distillation teacher (`vit_jax.train.distill.load_teacher`), when
-  `config.distill.teacher` is set; its train steps then take the teacher's params third.
+  `teacher`: the distillation teacher (`vit_jax.train.distill.load_teacher`) of a config with
+  `distill.teacher` set; the train steps then take the teacher's params third. Without one, the
+  train steps are the student's alone (what restoring a model, or timing the student, needs).
   """
-  if (teacher is not None) != distill.enabled(config):
-    raise ValueError('build.parts needs the teacher exactly when config.distill.teacher is set')
+  if teacher is not None and not distill.enabled(config):
+    raise ValueError('a teacher was given for a config without distill.teacher')
   mesh = mesh or sharding.create_mesh(config.mesh)
   model = model_from_config(config, num_classes, **model_overrides)
   tx, schedule = optim.create_optimizer(config, abstract_params(config, model))

@@ -123,8 +123,6 @@ def model_flops_per_step(config, num_classes, eval_batch_size=None, teacher=None
   from vit_jax.train import flexi  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())  # An unlocked copy to change.
   config.accum_steps = 1
-  if teacher is None:
-    config.distill.teacher = None
   run_parts = build.parts(config, num_classes, teacher=teacher, **REFERENCE_MODEL_OVERRIDES)
   state = run_parts.abstract_state
   teacher_args = () if teacher is None else (jax.tree_util.tree_map(

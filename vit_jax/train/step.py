@@ -92,11 +92,12 @@ def train_step(state, batch, teacher_params=None, *, model, tx, schedule, settin
     outputs = model.apply({'params': params}, micro_images, train=True, rngs={'dropout': key},
                           **_patch_size_kwargs(settings.patch_size))
     # A DeiT student (model.distilled) gives (class-token logits, distillation-token logits).
-    logits, dist_logits = outputs if isinstance(outputs, tuple) else (outputs, outputs)
+    is_pair = isinstance(outputs, tuple)
+    logits, dist_logits = outputs if is_pair else (outputs, outputs)
     if settings.distill_kind is None:
       # No teacher: a distilled model's two heads learn the labels through their mean, the
       # logits it predicts with (timm's fine-tuning of DeiT checkpoints).
-      return cross_entropy((logits + dist_logits) / 2, micro_targets)
+      return cross_entropy((logits + dist_logits) / 2 if is_pair else logits, micro_targets)
     teacher_logits = teacher_model.apply({'params': teacher_params}, micro_images, train=False)
     return ((1.0 - settings.distill_alpha) * cross_entropy(logits, micro_targets)
             + settings.distill_alpha * distill.teacher_term(
