@@ -22,6 +22,7 @@ turns in this process. The last line printed is one JSON object: medians in ms, 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -168,7 +169,8 @@ def main(argv=None):
     for _ in range(args.warmup):
       jax.block_until_ready(call())
   # In turns (torch, ours, torch, ...), so the shared machine's load falls on both alike.
-  medians = benchmark.time_interleaved(calls, args.steps, args.repeats)
+  medians = [statistics.median(times)
+             for times in benchmark.time_interleaved(calls, args.steps, args.repeats)]
   results['torch_step_ms'] = 1e3 * medians[0]
   if args.jax:
     results['jax_step_ms'] = 1e3 * medians[1]

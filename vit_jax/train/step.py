@@ -129,9 +129,9 @@ def train_step(state, batch, teacher_params=None, *, model, tx, schedule, settin
     loss = loss_sum / settings.accum_steps
     grads = jax.tree_util.tree_map(lambda g: g / settings.accum_steps, grad_sum)
 
-  # The non-finite guard: one decision per step. The update runs only when the loss and every
-  # gradient are finite; otherwise params, optimizer state and EMA pass through untouched. (A
-  # select per leaf, jnp.where(finite, new, old), did the same at the cost of a select over
+  # The non-finite guard: one decision per step. The new state is kept only when the loss and
+  # every gradient are finite; otherwise params, optimizer state and EMA pass through untouched.
+  # (A select per leaf, jnp.where(finite, new, old), did the same at the cost of a select over
   # every array: it tripled the compiled program.)
   # The decision reads the gradients' global norm, which the grad_norm metric reports anyway:
   # NaN or Inf in any gradient makes it NaN or Inf (so does a norm above ~1.8e19, whose square
@@ -155,7 +155,11 @@ def train_step(state, batch, teacher_params=None, *, model, tx, schedule, settin
   def skip_update(_):
     return state.params, state.opt_state, state.ema_params
 
-  new_params, new_opt_state, new_ema = jax.lax.cond(finite, apply_update, skip_update, None)
+  # The update is computed outside the cond, which only picks the new or the old state: inside,
+  # it fused with nothing and its gradient clipping took its own pass over the gradients (the
+  # quickstart step: 17,599 optimized HLO lines that way, 15,744 this way, the textbook 14,797).
+  updated = apply_update(None)
+  new_params, new_opt_state, new_ema = jax.lax.cond(finite, lambda _: updated, skip_update, None)
   new_state = TrainState(
       step=state.step + 1,
       params=new_params,
