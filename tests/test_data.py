@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-import tensorflow as tf
+from vit_jax.data.tensorflow_import import tf
 import tensorflow_datasets as tfds
 
+from conftest import run_python
 from vit_jax import data
 from vit_jax.data import device
 from vit_jax.data import digits
@@ -60,6 +61,27 @@ def test_digits_splits_shapes_and_no_overlap():
   train_rows, test_rows = digits.split_rows('train', labels), digits.split_rows('test', labels)
   assert not set(train_rows) & set(test_rows)
   assert len(set(train_rows) | set(test_rows)) == 1797
+
+
+def test_digits_are_scikit_learns_images_and_stratified_split_without_importing_it():
+  """The digits are read from the CSV in scikit-learn's wheel, and split as its
+  train_test_split(stratify=..., random_state=0) does, without its 2 s import."""
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+  reference = sk_datasets.load_digits()
+  images, labels = digits._read_digits()  # pylint: disable=protected-access
+  np.testing.assert_array_equal(images, reference.images)
+  np.testing.assert_array_equal(labels, reference.target)
+  for target in (reference.target, np.arange(1797) % 10, np.arange(1000) % 7):
+    rows = np.arange(len(target))
+    train, test = model_selection.train_test_split(rows, test_size=0.2, stratify=target,
+                                                   random_state=0)
+    np.testing.assert_array_equal(digits.split_rows('train', target), np.sort(train))
+    np.testing.assert_array_equal(digits.split_rows('test', target), np.sort(test))
+  script = ('import sys; from vit_jax.data import digits; digits.load("train"); '
+            'print("sklearn" in sys.modules)')
+  result = run_python(['-c', script])
+  assert result.returncode == 0 and result.stdout.strip() == 'False', result.stderr[-2000:]
 
 
 def test_digits_eval_is_one_padded_pass():

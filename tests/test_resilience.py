@@ -17,7 +17,10 @@ STEPS = 14
 
 def _args(workdir, extra=()):
   # Dropout, drop-path, mixup and EMA on: every source of randomness and state is exercised.
+  # A one-layer, 16-wide model: what is tested is the run's state, not the model's size.
   return ['--config', 'configs/quickstart.py', '--workdir', workdir,
+          '--config.model.num_layers=1', '--config.model.hidden_size=16',
+          '--config.model.mlp_dim=32', '--config.batch_size=32',
           f'--config.total_steps={STEPS}', '--config.log_every=1', '--config.eval_every=0',
           '--config.checkpoint_every=2', '--config.schedule.warmup_steps=2',
           '--config.model.dropout_rate=0.1', '--config.model.drop_path_rate=0.1',

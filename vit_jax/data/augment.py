@@ -6,7 +6,7 @@ same step always gets the same crop: that is what makes `train_batches(start_ste
 Images stay uint8 (H, W, 3) at the host size; scaling to [-1, 1] happens on the device.
 """
 
-import tensorflow as tf
+from vit_jax.data.tensorflow_import import tf
 
 from vit_jax.data import randaugment
 

@@ -19,7 +19,7 @@ import itertools
 from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
-import tensorflow as tf
+from vit_jax.data.tensorflow_import import tf
 
 from vit_jax.data import augment
 from vit_jax.data import digits
@@ -28,9 +28,6 @@ from vit_jax.data import naflex as naflex_lib
 from vit_jax.data import table as table_lib
 from vit_jax.data import tfds_source
 from vit_jax.errors import UserError
-
-# The host pipeline is CPU work; keep TensorFlow off any accelerator JAX is using.
-tf.config.set_visible_devices([], 'GPU')
 
 
 Source = Union[table_lib.Table, tfds_source.Stream]

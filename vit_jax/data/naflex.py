@@ -18,7 +18,7 @@ up, large ones down: every image fills the sequence as far as its aspect ratio a
 import dataclasses
 
 import numpy as np
-import tensorflow as tf
+from vit_jax.data.tensorflow_import import tf
 
 from vit_jax.data import augment
 from vit_jax.data import device

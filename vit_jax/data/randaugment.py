@@ -8,7 +8,7 @@ Each of `num_layers` rounds picks one op uniformly from `OPS` and applies it at 
 
 import math
 
-import tensorflow as tf
+from vit_jax.data.tensorflow_import import tf
 
 _MAX_LEVEL = 10.0
 _FILL = 128.0  # grey for pixels uncovered by a geometric transform

@@ -15,7 +15,7 @@ import logging
 from typing import Optional
 
 import numpy as np
-import tensorflow as tf
+from vit_jax.data.tensorflow_import import tf
 
 from vit_jax.data import augment
 from vit_jax.errors import EnvironmentFault

@@ -16,7 +16,7 @@ import socket
 import time
 
 import numpy as np
-import tensorflow as tf
+from vit_jax.data.tensorflow_import import tf
 import tensorflow_datasets as tfds
 
 from vit_jax.data import augment

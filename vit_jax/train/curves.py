@@ -11,7 +11,6 @@ import os
 import posixpath
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from vit_jax.errors import EnvironmentFault, UserError
 from vit_jax.train import workdir as workdir_lib
@@ -85,6 +84,8 @@ def curves_figure(workdirs):
   if not workdirs:
     raise UserError('no workdirs given; pass at least one')
   runs = [(label, read_metrics(d)) for label, d in zip(run_labels(workdirs), workdirs)]
+  # Imported here: matplotlib costs a second of every start, and a run plots only at evals.
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   fig = Figure(figsize=(10, 7), dpi=100)
   colours = [f'C{i % 10}' for i in range(len(runs))]
   for index, (title, ylabel, metrics, log_scale) in enumerate(PANELS):
