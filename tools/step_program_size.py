@@ -6,9 +6,14 @@ Prints one JSON line: optimized_hlo_lines, compile_s (median of --repeats fresh 
 """
 
 import json
+import os
 import statistics
 import sys
 import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)  # vit_jax and configs, when run as `python tools/...`
 
 from absl import flags
 from ml_collections import config_flags
