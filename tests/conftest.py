@@ -103,7 +103,7 @@ def tiny_reference(tmp_path_factory, compile_cache):
 def trained_quickstart(tmp_path_factory, worker_id):
   """The README's first command, trained once per test session: `(workdir, train.py's stdout)`.
 
-  The 1,500-step run is the slowest thing the suite does, and several tests need a trained
+  The full quickstart run is the slowest thing the suite does, and several tests need a trained
   model (its accuracy, a distillation teacher, frozen features): the pytest-xdist workers share
   one run through a lock in their common temporary folder. Read-only: copy it to change it.
   """

@@ -179,7 +179,7 @@ CASES = {
     'unknown_schedule': Case(QUICKSTART + ['--config.schedule.name=cosin'],
                              ("schedule.name='cosin' is unknown", 'cosine')),
     'warmup_longer_than_run': Case(QUICKSTART + ['--config.total_steps=50'],
-                                   ('warmup_steps=100', 'total_steps=50')),
+                                   ('warmup_steps=80', 'total_steps=50')),
     'invalid_mesh': Case(QUICKSTART + ['--config.mesh.fsdp=3'], ('mesh', '1 devices')),
     'unknown_data_source': Case(QUICKSTART + ['--config.data.source=csv'],
                                 ("source='csv'", 'tfds, folder, digits')),

@@ -225,7 +225,8 @@ V1_WORKDIR = os.path.join(REPO_ROOT, 'tests', 'fixtures', 'v1_quickstart_workdir
 V1_ARGS = ['--config', 'configs/quickstart.py', '--config.model.hidden_size=16',
            '--config.model.num_layers=1', '--config.model.num_heads=2',
            '--config.model.mlp_dim=32', '--config.total_steps=8',
-           '--config.schedule.warmup_steps=2', '--config.log_every=2', '--config.eval_every=4',
+           '--config.schedule.warmup_steps=2', '--config.schedule.base_lr=3e-3',
+           '--config.log_every=2', '--config.eval_every=4',
            '--config.checkpoint_every=4', '--config.batch_size=32',
            '--config.plot_every_eval=False']
 
