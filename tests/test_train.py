@@ -101,9 +101,12 @@ def test_cifar10_config_runs_pretrained_path_on_mock_data(tmp_path):
 
 
 def _quickstart_args(workdir, steps, extra=()):
+  """The quickstart for a few steps at a one-layer, 16-wide size (the loop is the point)."""
   return ['--config', 'configs/quickstart.py', '--workdir', workdir,
           f'--config.total_steps={steps}', '--config.log_every=1', '--config.eval_every=0',
-          '--config.checkpoint_every=0', '--config.schedule.warmup_steps=2', *extra]
+          '--config.checkpoint_every=0', '--config.schedule.warmup_steps=2',
+          '--config.model.num_layers=1', '--config.model.hidden_size=16',
+          '--config.model.mlp_dim=32', '--config.batch_size=32', *extra]
 
 
 @pytest.mark.slow
