@@ -73,11 +73,12 @@ def train_losses_on_one_batch(config, steps=5, num_classes=10):
 # A quickstart small enough for the fault and cloud tests (one 16-wide layer, 12 steps, a
 # checkpoint every 4): each run is mostly the start of Python, JAX and TensorFlow.
 TINY_STEPS = 12
+TINY_MODEL = ['--config.model.num_layers=1', '--config.model.hidden_size=16',
+              '--config.model.mlp_dim=32']  # The quickstart's ViT at one 16-wide layer.
 TINY_QUICKSTART = ['--config', 'configs/quickstart.py', f'--config.total_steps={TINY_STEPS}',
                    '--config.schedule.warmup_steps=2', '--config.checkpoint_every=4',
                    '--config.log_every=1', '--config.eval_every=0', '--config.batch_size=16',
-                   '--config.model.num_layers=1', '--config.model.hidden_size=16',
-                   '--config.model.mlp_dim=32', '--config.plot_every_eval=False']
+                   *TINY_MODEL, '--config.plot_every_eval=False']
 
 
 @pytest.fixture(scope='session')

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_python, run_train, train_losses_on_one_batch
+from conftest import TINY_MODEL, run_python, run_train, train_losses_on_one_batch
 
 from configs import quickstart
 
@@ -104,9 +104,8 @@ def _quickstart_args(workdir, steps, extra=()):
   """The quickstart for a few steps at a one-layer, 16-wide size (the loop is the point)."""
   return ['--config', 'configs/quickstart.py', '--workdir', workdir,
           f'--config.total_steps={steps}', '--config.log_every=1', '--config.eval_every=0',
-          '--config.checkpoint_every=0', '--config.schedule.warmup_steps=2',
-          '--config.model.num_layers=1', '--config.model.hidden_size=16',
-          '--config.model.mlp_dim=32', '--config.batch_size=32', *extra]
+          '--config.checkpoint_every=0', '--config.schedule.warmup_steps=2', *TINY_MODEL,
+          '--config.batch_size=32', *extra]
 
 
 @pytest.mark.slow

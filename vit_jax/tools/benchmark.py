@@ -258,14 +258,15 @@ def benchmark_steps(config, num_classes, steps, repeats, warmup, baseline=False)
     train_s, textbook_s = statistics.median(train_times), statistics.median(textbook_times)
     # Each repeat's ratio compares two blocks run one after the other, under the same load.
     ratios = [ours / theirs for ours, theirs in zip(train_times, textbook_times)]
+    compile_ratios = [ours / theirs for ours, theirs in compile_pairs]
     textbook = {
         'textbook_step_ms': 1e3 * textbook_s,
         'step_overhead': statistics.median(ratios),
         'step_overhead_repeats': ratios,
         'textbook_compile_s': statistics.median(theirs for _, theirs in compile_pairs),
         'train_recompile_s': statistics.median(ours for ours, _ in compile_pairs),
-        'compile_overhead': statistics.median(ours / theirs for ours, theirs in compile_pairs),
-        'compile_overhead_repeats': [ours / theirs for ours, theirs in compile_pairs],
+        'compile_overhead': statistics.median(compile_ratios),
+        'compile_overhead_repeats': compile_ratios,
     }
   else:
     train_s = time_calls(train_call, steps, repeats)
@@ -424,6 +425,10 @@ def _fmt(value, unit='', scale=1.0):
   return f'{value:,.0f}{unit}' if abs(value) >= 1000 else f'{value:.4g}{unit}'
 
 
+def _listed(ratios):
+  return ', '.join(f'{ratio:.3f}' for ratio in ratios)
+
+
 def format_table(results):
   """The human-readable summary printed above the JSON line."""
   r = results
@@ -458,14 +463,11 @@ def format_table(results):
         ('textbook train step', f'{r["textbook_step_ms"]:.1f} ms (value_and_grad + tx.update '
                                 '+ apply_updates, same model, optimizer and batch)'),
         ('step overhead', f'{r["step_overhead"]:.3f}x (ours / textbook: the median of '
-                          + ', '.join(f'{ratio:.3f}' for ratio in r['step_overhead_repeats'])
-                          + ', repeats in turns)'),
+                          f'{_listed(r["step_overhead_repeats"])}, repeats in turns)'),
         ('textbook compile', f'{r["textbook_compile_s"]:.1f} s (ours again: '
                              f'{r["train_recompile_s"]:.1f} s, both after clearing the caches)'),
-        ('compile overhead', f'{r["compile_overhead"]:.3f}x (our train step / textbook; median '
-                             'of ' + ', '.join(f'{ratio:.3f}'
-                                              for ratio in r.get('compile_overhead_repeats',
-                                                                 ())) + ')'),
+        ('compile overhead', f'{r["compile_overhead"]:.3f}x (our train step / textbook: the '
+                             f'median of {_listed(r["compile_overhead_repeats"])})'),
     ]
   if r.get('max_batch_size'):
     rows.append(('largest batch that fits', f'{r["max_batch_size"]} (XLA plan within '
