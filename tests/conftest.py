@@ -13,6 +13,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
+# The tests' own steps run with the allocator settings train.py uses, set before JAX starts.
+from vit_jax import cpu_allocator  # pylint: disable=g-import-not-at-top,wrong-import-position
+cpu_allocator.tune_at_start()
+
 # One persistent XLA compilation cache for every test process and the train.py runs they start
 # (they inherit the environment): the same quickstart steps are compiled by dozens of them. It
 # changes no result, only how often XLA compiles the same program.

@@ -27,6 +27,10 @@ Compile times are fresh compiles: the command switches jax's persistent compilat
 for its own process, whatever JAX_COMPILATION_CACHE_DIR says.
 """
 
+from vit_jax import cpu_allocator
+cpu_allocator.tune_at_start()  # As train.py does, before JAX allocates: steps run as there.
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import json
 import os
 import statistics

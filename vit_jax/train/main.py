@@ -13,6 +13,10 @@ with `error:` and exits with status 2, leaving the workdir as it was; a diverged
 fault of the machine or network (disk, storage) 4 (`vit_jax.errors`).
 """
 
+from vit_jax import cpu_allocator
+cpu_allocator.tune_at_start()  # Before JAX and TensorFlow allocate anything (see there).
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import importlib.util
 import os
 import re

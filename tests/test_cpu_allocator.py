@@ -1,0 +1,63 @@
+"""vit_jax.cpu_allocator: with its malloc settings a freed buffer's memory stays in the process,
+also after TensorFlow has set its own mmap threshold (as it does in every train.py run), so
+reusing it faults in no fresh pages; the backend guess follows JAX_PLATFORMS."""
+
+import json
+
+import pytest
+
+from conftest import run_python
+from vit_jax import cpu_allocator
+
+# In a fresh process, `tuned` or not, after the TensorFlow import train.py does: malloc, write
+# and free a 4 MiB buffer 50 times (what XLA's CPU kernels do with their scratch buffers on
+# every call); prints the minor page faults per round.
+_FAULTS_PER_ROUND = '''
+import ctypes, ctypes.util, json, resource, sys
+from vit_jax import cpu_allocator
+tuned = sys.argv[1] == 'tuned'
+if tuned:
+  assert cpu_allocator.tune_at_start()  # First thing, as train.py does.
+from vit_jax.data import tensorflow_import  # TensorFlow's own mallopt happens here.
+libc = ctypes.CDLL(ctypes.util.find_library('c'))
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size = 4 << 20
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(50):
+  buffer = libc.malloc(size)
+  ctypes.memset(buffer, 1, size)
+  libc.free(buffer)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps({'faults_per_round': faults / 50}))
+'''
+
+
+def _faults_per_round(mode):
+  result = run_python(['-c', _FAULTS_PER_ROUND, mode])
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])['faults_per_round']
+
+
+@pytest.mark.slow  # Two Pythons importing TensorFlow.
+def test_a_freed_buffer_is_reused_without_faults_after_tensorflows_threshold():
+  default, tuned = _faults_per_round('default'), _faults_per_round('tuned')
+  pages = (4 << 20) // 4096
+  # glibc after TensorFlow's mallopt: each round is an mmap of its own, every page faulted in.
+  assert default > pages / 2, default
+  assert tuned < pages / 20, tuned  # The same memory every round (measured: ~20 faults).
+
+
+@pytest.mark.parametrize('platforms, expected', [
+    ('cpu', True), ('cpu,gpu', True), ('cuda', False), ('tpu,cpu', False), (' gpu ', False)])
+def test_the_backend_guess_reads_jax_platforms_first(platforms, expected):
+  assert cpu_allocator.jax_will_use_cpu({'JAX_PLATFORMS': platforms}) is expected
+
+
+def test_without_jax_platforms_the_guess_is_the_cpu_unless_a_plugin_is_installed(monkeypatch):
+  installed = set()
+  monkeypatch.setattr(cpu_allocator.importlib.util, 'find_spec',
+                      lambda name: object() if name in installed else None)
+  assert cpu_allocator.jax_will_use_cpu({})
+  installed.add('jax_cuda12_plugin')
+  assert not cpu_allocator.jax_will_use_cpu({})

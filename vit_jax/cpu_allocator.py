@@ -1,0 +1,78 @@
+"""glibc's malloc set up for XLA's CPU runtime: `tune_at_start()`, called first thing by
+train.py and the benchmark.
+
+Why: XLA's CPU kernels (its YNNPACK fusions) malloc and free scratch buffers of 128 KiB to a few
+MiB on every call, from XLA's worker threads. With glibc's defaults a worker thread's heap is
+handed back to the kernel each time it empties and mapped afresh at the next call, and every
+page of it is faulted in again. TensorFlow adds to it: its first `Dataset.from_generator` sets
+M_MMAP_THRESHOLD to 128 KiB for the rest of the process (a workaround for Python 3.11), so each
+such buffer becomes an mmap and a munmap of its own. Measured on this repository's 2-core CPU
+(jax 0.10): ~12,000 page faults per quickstart train step, ~20,000 in train.py, where a third
+of the run's time was kernel time.
+
+What: freed memory stays in the process (M_TOP_PAD of 64 MiB, the size of one of glibc's
+thread heaps, so an emptied heap is kept; M_TRIM_THRESHOLD of 128 MiB) and allocations below
+32 MiB come from the heaps (M_MMAP_THRESHOLD, the largest glibc itself would pick). Measured:
+the quickstart's train step in 29 ms against 46-63 ms the same hour (page faults down 20x), peak
+memory 65 MiB higher (BENCHMARKS.md, "Page faults"). It changes no computed value.
+
+The settings must come before JAX starts: set once JAX's threads have allocated, they keep
+only half the faults (measured: 26 faults per step set first, 1,800 set after `import jax`,
+6,000 after its backend started). So the backend is guessed the way JAX will choose it:
+JAX_PLATFORMS if set, else the CPU when no accelerator plugin is installed. Only for the CPU
+(on GPU and TPU hosts the devices do that work, and a host with many threads would keep far
+more memory), only where the C library is glibc; elsewhere nothing is changed.
+"""
+
+import ctypes
+import ctypes.util
+import importlib.util
+import os
+import platform
+
+# mallopt's parameter numbers (glibc's malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_THRESHOLD = -3
+SETTINGS = {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 128 << 20, _M_TOP_PAD: 64 << 20}
+
+_tuned = False  # Whether this process asked for the settings (TensorFlow may undo them).
+
+
+def _apply():
+  """Sets SETTINGS with mallopt; False where the C library is not glibc or refuses one."""
+  if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
+    return False
+  libc = ctypes.CDLL(ctypes.util.find_library('c'))
+  return all(libc.mallopt(param, value) == 1 for param, value in SETTINGS.items())
+
+
+# What JAX loads for a GPU or TPU backend: with none of them installed it can only use the CPU.
+_ACCELERATOR_MODULES = ('jax_plugins', 'libtpu', 'jax_cuda12_plugin', 'jax_cuda13_plugin')
+
+
+def jax_will_use_cpu(environ=None):
+  """Whether JAX's default backend will be the CPU, decided without importing JAX."""
+  environ = os.environ if environ is None else environ
+  platforms = environ.get('JAX_PLATFORMS', '').strip()
+  if platforms:
+    return platforms.split(',')[0].strip() == 'cpu'  # The first one listed is the default.
+  return not any(importlib.util.find_spec(name) for name in _ACCELERATOR_MODULES)
+
+
+def tune_at_start():
+  """Applies the settings above when JAX will run on the CPU; True if it did.
+
+  Call it before importing JAX or TensorFlow (see above). Changes no computed value.
+  """
+  global _tuned
+  if jax_will_use_cpu():
+    _tuned = _apply()
+  return _tuned
+
+
+def reapply_after_tensorflow():
+  """Sets the settings again where `tune_at_start` set them: for `vit_jax.data.tensorflow_import`,
+  right after it has made TensorFlow apply its own M_MMAP_THRESHOLD."""
+  if _tuned:
+    _apply()
