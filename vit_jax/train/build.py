@@ -21,6 +21,22 @@ from vit_jax.train import sharding
 from vit_jax.train import step as step_lib
 
 
+# For programs that run once (a model's init), where only their compile time counts: LLVM at -O1
+# in place of XLA's default -O3 on the CPU. Measured (jax 0.10, this repository's 2-core CPU,
+# fresh compiles in turns): the init of a 1-layer 16-wide ViT compiled in 0.57x the time, the
+# quickstart's in 0.69x, ViT-S/4's in 0.87x, ViT-Ti/16's in 0.98x, the values bit for bit the
+# same. Other backends keep their defaults.
+_ONE_OFF_CPU_COMPILER_OPTIONS = {'xla_backend_optimization_level': 1}
+
+
+def jit_one_off(fn, mesh, **jit_kwargs):
+  """`jax.jit(fn, **jit_kwargs)` for a program that runs once on `mesh` (compiled for speed of
+  compiling on the CPU; see above)."""
+  on_cpu = all(device.platform == 'cpu' for device in mesh.devices.flat)
+  return jax.jit(fn, compiler_options=_ONE_OFF_CPU_COMPILER_OPTIONS if on_cpu else None,
+                 **jit_kwargs)
+
+
 def _check_resolved(config):
   if 'model_fields' not in config:
     raise TypeError('build needs a resolved config: pass vit_jax.train.config.resolve(config)')
@@ -129,7 +145,8 @@ class Parts(NamedTuple):
 
   def new_state(self):
     """A freshly initialised TrainState, laid out on the mesh."""
-    return jax.jit(self.init_state, out_shardings=self.state_shardings)(self.init_key)
+    return jit_one_off(self.init_state, self.mesh, out_shardings=self.state_shardings)(
+        self.init_key)
 
 
 def parts(config, num_classes, mesh=None, teacher=None, **model_overrides):

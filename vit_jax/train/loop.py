@@ -205,8 +205,9 @@ def _initial_state(config, run, files, num_classes, log):
     init_params = jax.device_get(run.new_state().params)
     params = pretrained.load_pretrained(config.pretrained, init_params,
                                         dict(config.model_fields, num_classes=num_classes), log)
-    return jax.jit(lambda p: step_lib.create_train_state(p, run.tx, config.optimizer.ema_decay),
-                   out_shardings=run.state_shardings)(params)
+    return build.jit_one_off(
+        lambda p: step_lib.create_train_state(p, run.tx, config.optimizer.ema_decay), run.mesh,
+        out_shardings=run.state_shardings)(params)
   return run.new_state()
 
 
