@@ -3,6 +3,8 @@
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -42,11 +44,15 @@ def shared_fixtures(name):
                           'VIT_JAX_FIXTURES to the shared/fixtures folder')
 
 
+def _python_env(env=None):
+  """The environment of the Pythons the tests start: this one's, the repository importable."""
+  return dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu', **(env or {}))
+
+
 def run_python(args, env=None, timeout=600, cwd=REPO_ROOT):
   """Runs `python <args>` from the repository root; returns the CompletedProcess."""
-  full_env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu', **(env or {}))
-  return subprocess.run([sys.executable] + list(args), cwd=cwd, env=full_env, timeout=timeout,
-                        capture_output=True, text=True)
+  return subprocess.run([sys.executable] + list(args), cwd=cwd, env=_python_env(env),
+                        timeout=timeout, capture_output=True, text=True)
 
 
 def run_train(args, env=None, timeout=600):
@@ -104,23 +110,88 @@ def tiny_reference(tmp_path_factory, compile_cache):
   return workdir, checkpoint.tree_digest(state)
 
 
+def _uses_trained_quickstart(item):
+  return 'trained_quickstart' in getattr(item, 'fixturenames', ())
+
+
+def pytest_collection_modifyitems(items):
+  """The modules whose tests use `trained_quickstart` go last (the order is kept otherwise):
+  the run trains in the background from the session's first test on, so by the time they
+  start it is usually there, and no worker sits idle waiting for it."""
+  late = {item.nodeid.split('::')[0] for item in items if _uses_trained_quickstart(item)}
+  items.sort(key=lambda item: item.nodeid.split('::')[0] in late)  # A stable sort.
+
+
+def _session_folder(tmp_path_factory, worker_id):
+  """The folder every pytest-xdist worker of this session shares (never an older session's)."""
+  base = tmp_path_factory.getbasetemp()
+  return base if worker_id == 'master' else base.parent
+
+
+_QUICKSTART = 'trained_quickstart'  # Its workdir in the session folder; its files beside it.
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _quickstart_in_background(request, tmp_path_factory, worker_id):
+  """Starts the README's first command in the background when any selected test needs its
+  model: once per session, by whichever worker gets here first (a lock in the shared folder).
+
+  It trains beside the tests (the workers never wait idle for it, as they did when the first
+  test to need it trained it). A thread writes its exit status when it ends. At the end of
+  this worker's session it is waited for (another worker's test may need it), or killed when
+  the session is stopping on a failure.
+  """
+  import filelock  # pylint: disable=g-import-not-at-top
+  if not any(_uses_trained_quickstart(item) for item in request.session.items):
+    yield
+    return
+  folder = _session_folder(tmp_path_factory, worker_id)
+  with filelock.FileLock(str(folder / f'{_QUICKSTART}.lock')):
+    started = folder / f'{_QUICKSTART}.started'
+    process = None
+    if not started.exists():
+      started.touch()
+      with open(folder / f'{_QUICKSTART}.stdout', 'w') as stdout, \
+          open(folder / f'{_QUICKSTART}.stderr', 'w') as stderr:
+        process = subprocess.Popen(
+            [sys.executable, 'train.py', '--config', 'configs/quickstart.py',
+             '--workdir', str(folder / _QUICKSTART)],
+            cwd=REPO_ROOT, env=_python_env(), stdout=stdout, stderr=stderr)
+
+      def record_exit_status():
+        status = process.wait()
+        written = folder / f'{_QUICKSTART}.returncode.partial'
+        written.write_text(str(status))
+        written.rename(folder / f'{_QUICKSTART}.returncode')  # Whole, or not there at all.
+
+      threading.Thread(target=record_exit_status, daemon=True).start()
+  yield
+  if process is not None and process.poll() is None:
+    if request.session.shouldstop or request.session.shouldfail:
+      process.kill()
+    else:
+      process.wait(timeout=QUICKSTART_TIMEOUT_S)
+
+
+QUICKSTART_TIMEOUT_S = 1200
+
+
 @pytest.fixture(scope='session')
-def trained_quickstart(tmp_path_factory, worker_id):
+def trained_quickstart(tmp_path_factory, worker_id, _quickstart_in_background):
   """The README's first command, trained once per test session: `(workdir, train.py's stdout)`.
 
   The full quickstart run is the slowest thing the suite does, and several tests need a trained
-  model (its accuracy, a distillation teacher, frozen features): the pytest-xdist workers share
-  one run through a lock in their common temporary folder. Read-only: copy it to change it.
+  model (its accuracy, a distillation teacher, frozen features): it trains in the background
+  from the session's start (`_quickstart_in_background`), and this waits for it to end.
+  Read-only: copy it to change it.
   """
-  import filelock  # pylint: disable=g-import-not-at-top
-  base = tmp_path_factory.getbasetemp()
-  shared = base if worker_id == 'master' else base.parent  # One session's, never an older one's.
-  workdir = shared / 'trained_quickstart'
-  stdout = shared / 'trained_quickstart.stdout'
-  with filelock.FileLock(str(shared / 'trained_quickstart.lock')):
-    if not stdout.exists():
-      result = run_train(['--config', 'configs/quickstart.py', '--workdir', str(workdir)],
-                         timeout=1200)
-      assert result.returncode == 0, result.stderr[-3000:]
-      stdout.write_text(result.stdout)
-  return str(workdir), stdout.read_text()
+  folder = _session_folder(tmp_path_factory, worker_id)
+  status_file = folder / f'{_QUICKSTART}.returncode'
+  deadline = time.monotonic() + QUICKSTART_TIMEOUT_S
+  while not status_file.exists():
+    if time.monotonic() > deadline:
+      pytest.fail(f'the background quickstart run did not end within {QUICKSTART_TIMEOUT_S} s')
+    time.sleep(0.5)
+  stderr = (folder / f'{_QUICKSTART}.stderr').read_text()
+  assert status_file.read_text() == '0', stderr[-3000:]
+  return str(folder / _QUICKSTART), (folder / f'{_QUICKSTART}.stdout').read_text()
