@@ -30,6 +30,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)  # vit_jax and configs, when run as `python tools/pytorch_vit.py`
 
+# The allocator settings train.py runs with, set before torch or JAX allocate anything: they
+# hold for both steps timed here (PyTorch's CPU tensors come from the same malloc).
+from vit_jax import cpu_allocator  # pylint: disable=g-import-not-at-top,wrong-import-position
+cpu_allocator.tune_at_start()
+
 # The shapes of our models: configs/quickstart.py, and configs/vit.py:Ti/16 at 224 px batch 16.
 MODELS = {
     'quickstart': dict(image_size=16, patch_size=4, hidden_size=64, num_layers=4, num_heads=4,
