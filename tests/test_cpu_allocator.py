@@ -3,6 +3,7 @@ also after TensorFlow has set its own mmap threshold (as it does in every train.
 reusing it faults in no fresh pages; the backend guess follows JAX_PLATFORMS."""
 
 import json
+import platform
 
 import pytest
 
@@ -40,6 +41,7 @@ def _faults_per_round(mode):
 
 
 @pytest.mark.slow  # Two Pythons importing TensorFlow.
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='the settings are glibc\'s')
 def test_a_freed_buffer_is_reused_without_faults_after_tensorflows_threshold():
   default, tuned = _faults_per_round('default'), _faults_per_round('tuned')
   pages = (4 << 20) // 4096

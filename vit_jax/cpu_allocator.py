@@ -16,8 +16,8 @@ thread heaps, so an emptied heap is kept; M_TRIM_THRESHOLD of 128 MiB) and alloc
 the quickstart's train step in 29 ms against 46-63 ms the same hour (page faults down 20x), peak
 memory 65 MiB higher (BENCHMARKS.md, "Page faults"). It changes no computed value.
 
-The settings must come before JAX starts: set once JAX's threads have allocated, they keep
-only half the faults (measured: 26 faults per step set first, 1,800 set after `import jax`,
+The settings must come before JAX starts: set once JAX's threads have allocated, they remove
+only part of the faults (measured: 26 faults per step set first, 1,800 set after `import jax`,
 6,000 after its backend started). So the backend is guessed the way JAX will choose it:
 JAX_PLATFORMS if set, else the CPU when no accelerator plugin is installed. Only for the CPU
 (on GPU and TPU hosts the devices do that work, and a host with many threads would keep far
