@@ -71,6 +71,11 @@ def tune_at_start():
   return _tuned
 
 
+def is_tuned():
+  """Whether `tune_at_start` set the settings in this process."""
+  return _tuned
+
+
 def reapply_after_tensorflow():
   """Sets the settings again where `tune_at_start` set them: for `vit_jax.data.tensorflow_import`,
   right after it has made TensorFlow apply its own M_MMAP_THRESHOLD."""

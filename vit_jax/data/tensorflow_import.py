@@ -9,8 +9,9 @@ so `tf.keras` and `import keras` still work for a user who wants them later in t
 The pipeline is CPU work: TensorFlow is also kept off any GPU that JAX is using.
 
 TensorFlow's first `Dataset.from_generator` sets glibc's M_MMAP_THRESHOLD for the rest of the
-process, which slows XLA's CPU kernels (`vit_jax.cpu_allocator`): one empty generator is run here,
-so that happens now and not in the middle of a run, and the allocator's settings are put back.
+process, which slows XLA's CPU kernels (`vit_jax.cpu_allocator`): in a process that set that
+module's settings, one empty generator is run here, so that happens now and not in the middle
+of a run, and the settings are put back.
 """
 
 import sys
@@ -28,11 +29,12 @@ def _import_tensorflow():
         del sys.modules['keras']
   import tensorflow  # pylint: disable=g-import-not-at-top,redefined-outer-name
   tensorflow.config.set_visible_devices([], 'GPU')
-  empty = tensorflow.data.Dataset.from_generator(
-      lambda: iter(()), output_signature=tensorflow.TensorSpec((), tensorflow.int32))
-  for _ in empty:  # Builds the generator's kernel: TensorFlow's one-time mallopt is done here.
-    pass
-  cpu_allocator.reapply_after_tensorflow()
+  if cpu_allocator.is_tuned():  # Elsewhere TensorFlow's mallopt stays where it was, if at all.
+    empty = tensorflow.data.Dataset.from_generator(
+        lambda: iter(()), output_signature=tensorflow.TensorSpec((), tensorflow.int32))
+    for _ in empty:  # Builds the generator's kernel: TensorFlow's one-time mallopt is done here.
+      pass
+    cpu_allocator.reapply_after_tensorflow()
   return tensorflow
 
 
