@@ -389,6 +389,42 @@ def test_auto_attention_picks_cudnn_only_where_it_runs(platform, capability, dty
       vit.attention_implementation('cudnn', dtype, head_dim, device)
 
 
+@pytest.mark.parametrize('q_tokens, kv_tokens, masked', [
+    (197, 197, False),  # ViT-B/16 at 224 px: cuDNN's training path refused it unpadded.
+    (65, 65, True),     # NaFlex-style padding keys on top of the odd length.
+    (64, 97, False),    # Only the key axis odd (cross-attention, MAP pooling).
+])
+def test_attention_padded_to_even_tokens_is_the_unpadded_attention(q_tokens, kv_tokens, masked):
+  # The padding cuDNN needs is checked here with XLA's kernel, which takes both forms: the
+  # same function, the same gradients, and every output row a real query's.
+  keys = jax.random.split(jax.random.key(3), 4)
+  query = jax.random.normal(keys[0], (2, q_tokens, 3, 8))
+  key, value = (jax.random.normal(k, (2, kv_tokens, 3, 8)) for k in keys[1:3])
+  kv_mask = (jnp.arange(kv_tokens)[None, :] < jnp.array([[kv_tokens - 6], [kv_tokens]])
+             if masked else None)
+  cotangent = jax.random.normal(keys[3], query.shape)
+
+  def attention_and_grads(pad_to_even):
+    def project(q, k, v):
+      out = vit.fused_attention(q, k, v, kv_mask, 'xla', pad_to_even=pad_to_even)
+      return jnp.sum(out * cotangent), out
+    (_, out), grads = jax.value_and_grad(project, argnums=(0, 1, 2), has_aux=True)(
+        query, key, value)
+    return out, grads
+
+  out, grads = attention_and_grads(pad_to_even=True)
+  reference, reference_grads = attention_and_grads(pad_to_even=False)
+  assert out.shape == reference.shape == query.shape
+  np.testing.assert_allclose(out, reference, atol=1e-5)
+  for grad, reference_grad in zip(grads, reference_grads):
+    np.testing.assert_allclose(grad, reference_grad, atol=1e-5)
+  if masked:  # The masked keys were not read: changing them changes nothing.
+    changed = value.at[0, kv_tokens - 6:].set(100.0)
+    np.testing.assert_allclose(
+        vit.fused_attention(query, key, changed, kv_mask, 'xla', pad_to_even=True), out,
+        atol=1e-5)
+
+
 def test_auto_attention_lowers_without_cudnn_on_this_cpu():
   model = models.create_model('ViT-B/16', 0, dtype=jnp.bfloat16, **TINY)
   images = _images()

@@ -7,7 +7,7 @@ The steps are the trainer's own (`vit_jax.train.step`, jitted with the same shar
 fed one synthetic batch of uint8 images at the host size that is placed on the device once and
 reused, so the figures hold the device's work alone. The input pipeline (decode, augment, batch)
 is timed separately through `vit_jax.data.measure_host_throughput`. MFU is the step's model
-FLOPs (XLA's cost analysis with scan and remat off, `vit_jax.train.flops.model_flops_per_step`) per
+FLOPs (its matrix products, scan and remat off, `vit_jax.train.flops.model_flops_per_step`) per
 device, divided by step time and the device's peak bf16 FLOP/s; it is null where the peak is
 unknown (CPU). The last line printed is one JSON object.
 
@@ -18,7 +18,7 @@ labels), jitted with the same shardings and state donation. Both steps are timed
 this process (ours, textbook, ours, ...), and the JSON line adds `textbook_step_ms`,
 `step_overhead` (the median over repeats of ours / textbook, each repeat's pair run back to
 back), `textbook_compile_s`, `train_recompile_s` (ours compiled again beside it; each the
-median of `COMPILE_REPEATS` compiles) and `compile_overhead` (the median over those repeats of
+median of `--compile_repeats` compiles, default `COMPILE_REPEATS`) and `compile_overhead` (the median over those repeats of
 ours / textbook, `compile_overhead_repeats`: all compiled after the process's first compiles,
 each with jax's caches cleared, in turns). What our step does beyond the textbook (uint8 resize
 and normalisation, the non-finite guard, mixup, EMA, the metrics) is what the overhead measures.
@@ -73,6 +73,9 @@ def parse_flags(argv):
       baseline=flags.DEFINE_bool(
           'baseline', False, 'Also time a textbook train step (value_and_grad, tx.update, '
           'apply_updates) on the same model, optimizer and batch, in turns with ours.'),
+      compile_repeats=flags.DEFINE_integer(
+          'compile_repeats', COMPILE_REPEATS, '--baseline: pairs of fresh compiles (textbook, '
+          'ours) whose median ratio is compile_overhead.'),
       max_batch=flags.DEFINE_bool(
           'max_batch', False, 'Find the largest batch (batch_size times a power of two) whose '
           "train step fits the device's memory, per XLA's plan, and time that batch."),
@@ -81,7 +84,8 @@ def parse_flags(argv):
           'the device reports (CPU reports none).'))
   config = cli.load_config(argv, config_flag, 'python -m vit_jax.tools.benchmark')
   options = {name: holder.value for name, holder in options.items()}
-  for name, least in (('steps', 1), ('repeats', 1), ('warmup', 0), ('data_batches', 1)):
+  for name, least in (('steps', 1), ('repeats', 1), ('warmup', 0), ('data_batches', 1),
+                      ('compile_repeats', 1)):
     if options[name] < least:
       raise UserError(f'--{name}={options[name]} must be >= {least}')
   if options['memory_limit_gib'] is not None and (not options['max_batch']
@@ -196,7 +200,8 @@ def textbook_inputs(config, run_parts, train_batch, num_classes):
   return images, one_hot_labels, dropout_key
 
 
-def benchmark_steps(config, num_classes, steps, repeats, warmup, baseline=False):
+def benchmark_steps(config, num_classes, steps, repeats, warmup, baseline=False,
+                    compile_repeats=COMPILE_REPEATS):
   """Compiles and times the trainer's train and eval steps on one synthetic device batch; with
   `baseline`, the textbook step too (`textbook_step_function`), timed in turns with ours."""
   import jax
@@ -239,7 +244,7 @@ def benchmark_steps(config, num_classes, steps, repeats, warmup, baseline=False)
     # (a process's first pays for what later ones reuse), each with every jax cache cleared, in
     # turns (textbook, ours, textbook, ...): one pair varied by ±15% on a shared 2-core machine.
     compile_pairs = []
-    for _ in range(COMPILE_REPEATS):
+    for _ in range(compile_repeats):
       jax.clear_caches()
       start = time.perf_counter()
       compiled_textbook = textbook_step_function(run_parts).lower(
@@ -358,7 +363,7 @@ STEP_KEYS = (
 
 def run(config, *, num_classes=None, steps=10, repeats=3, warmup=2, skip_data=False,
         data_only=False, data_batches=20, max_batch=False, memory_limit_gib=None,
-        baseline=False):
+        baseline=False, compile_repeats=COMPILE_REPEATS):
   """All the figures as one dict (the JSON line); `None` where a figure is not available."""
   if data_only and skip_data:
     raise UserError('--data_only and --skip_data leave nothing to time; pass one of them')
@@ -415,7 +420,8 @@ def run(config, *, num_classes=None, steps=10, repeats=3, warmup=2, skip_data=Fa
   if data_only:
     results.update(dict.fromkeys(STEP_KEYS))
   else:
-    results.update(benchmark_steps(config, num_classes, steps, repeats, warmup, baseline))
+    results.update(benchmark_steps(config, num_classes, steps, repeats, warmup, baseline,
+                                   compile_repeats))
   results.update(search)
   results['data_img_per_sec'] = data_img_per_sec
   results['data_error'] = data_error
@@ -451,7 +457,7 @@ def format_table(results):
         ('eval step', f'{r["eval_step_ms"]:.1f} ms, {_fmt(r["eval_img_per_sec"])} img/s'),
         ('model FLOPs train / eval', f'{_fmt(r["train_flops_per_step"], " G", 1e9)} / '
                                      f'{_fmt(r["eval_flops_per_step"], " G", 1e9)} per step '
-                                     '(XLA, scan/remat/accumulation off)'),
+                                     '(matrix products, scan/remat/accumulation off)'),
         ('compiled FLOPs train / eval',
          f'{_fmt(r["compiled_train_flops_per_device"], " G", 1e9)} / '
          f'{_fmt(r["compiled_eval_flops_per_device"], " G", 1e9)} per device'),

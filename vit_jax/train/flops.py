@@ -1,14 +1,19 @@
 """FLOPs of a train or eval step and the peak FLOP/s of the device it runs on, for MFU.
 
-MFU = (model FLOPs of the step) / (step time × devices × peak bf16 FLOP/s). The model FLOPs
-come from XLA's cost analysis of the step lowered with the model's math spelt out
-(`model_flops_per_step`): XLA counts a while loop's body once, so a scanned model (`scan=True`)
-or gradient accumulation would be under-counted by the trip count, and it counts rematerialised
-forward passes as work, which MFU by definition does not. The peaks are dense bf16
+MFU = (model FLOPs of the step) / (step time × devices × peak bf16 FLOP/s). The model FLOPs are
+the step's matrix products and convolutions, counted from its jaxpr (`model_flops_per_step`,
+`matmul_flops`), as MFU conventionally counts them: the same figure on every backend, with a
+scan's body counted once per iteration, for the model with remat off (a rematerialised forward
+is recomputation, not model work) and with XLA's attention (cuDNN's kernel is one opaque call).
+XLA's own cost analysis (`compiled_flops`, the benchmark's "compiled FLOPs") is not used for MFU:
+it counts a while loop's body once, and on a GPU it leaves out the products XLA hands to cuBLAS
+and cuDNN (an H200's ViT-B/16 train step: 0.09 of 27 TFLOPs). The peaks are dense bf16
 matrix-unit figures from the vendors' datasheets, per device (a TPU v4 chip, one GPU); a device
 not in the table has no MFU (None), never a guess.
 """
 
+
+import math
 
 import jax
 
@@ -108,12 +113,12 @@ REFERENCE_MODEL_OVERRIDES = dict(scan=False, remat_policy='none')
 
 
 def model_flops_per_step(config, num_classes, eval_batch_size=None, teacher=None):
-  """(train, eval) model FLOPs of one global step of a resolved `config`, from XLA's cost
-  analysis.
+  """(train, eval) model FLOPs of one global step of a resolved `config`: the matrix products
+  and convolutions of the trainer's own steps (`matmul_flops`).
 
-  The trainer's steps are lowered (not compiled: this takes seconds) on abstract arrays, for
-  the model without scan or remat and without gradient accumulation, so every layer and
-  micro-batch is counted once and no recomputation is counted. The figures are global (the
+  The steps are traced on abstract arrays (nothing compiled: this takes seconds) for the model
+  without scan or remat, with XLA's attention, and without gradient accumulation, so every layer
+  and micro-batch is counted once and no recomputation is counted. The figures are global (the
   whole batch); divide by the device count for one device's share. A distilling run's train
   step counts its `teacher`'s forward too (`vit_jax.train.distill.Teacher`, params abstract or
   not); without one, the student's work alone.
@@ -123,18 +128,59 @@ def model_flops_per_step(config, num_classes, eval_batch_size=None, teacher=None
   from vit_jax.train import flexi  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())  # An unlocked copy to change.
   config.accum_steps = 1
-  run_parts = build.parts(config, num_classes, teacher=teacher, **REFERENCE_MODEL_OVERRIDES)
+  overrides = dict(REFERENCE_MODEL_OVERRIDES)
+  if 'attention_impl' in config.model_fields:
+    overrides['attention_impl'] = 'xla'
+  run_parts = build.parts(config, num_classes, teacher=teacher, **overrides)
   state = run_parts.abstract_state
   teacher_args = () if teacher is None else (jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), teacher.params),)
   eval_batch_size = eval_batch_size or config.eval_batch_size
   train_batch = build.abstract_batch(config, config.batch_size)
   # FlexiViT: the mean over the patch sizes a step draws (the eval: at the eval patch size).
-  per_size = [(chance, compiled_flops(run_parts.train_fns[size].lower(state, train_batch,
-                                                                      *teacher_args)))
-              for size, chance in flexi.probabilities(config).items()]
-  train = (None if any(flops is None for _, flops in per_size)
-           else sum(chance * flops for chance, flops in per_size))
-  evaluate = run_parts.eval_fn.lower(
+  train = sum(chance * matmul_flops(run_parts.train_fns[size].trace(
+                  state, train_batch, *teacher_args).jaxpr)
+              for size, chance in flexi.probabilities(config).items())
+  evaluate = run_parts.eval_fn.trace(
       state.params, build.abstract_batch(config, eval_batch_size, with_mask=True))
-  return train, compiled_flops(evaluate)
+  return train, matmul_flops(evaluate.jaxpr)
+
+
+def matmul_flops(jaxpr):
+  """FLOPs (2 per multiply-add) of the matrix products (`dot_general`) and convolutions in a
+  jaxpr (closed or not), its inner jaxprs included: a scan's body times its length, the
+  costliest branch of a `cond`, a while loop's body once (its trip count is not known here).
+  Elementwise work (norms, softmax, GELU) is left out, as MFU conventionally does.
+  """
+  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)  # A ClosedJaxpr holds its Jaxpr.
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == 'dot_general':
+      (lhs_contracting, _), _ = eqn.params['dimension_numbers']
+      lhs_shape = eqn.invars[0].aval.shape
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+          lhs_shape[d] for d in lhs_contracting)
+    elif name == 'conv_general_dilated':
+      # Each output element sums over the kernel's input features (per group) and window.
+      rhs_spec = eqn.params['dimension_numbers'].rhs_spec  # (out feature, in feature, *window)
+      rhs_shape = eqn.invars[1].aval.shape
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+          rhs_shape[d] for d in rhs_spec[1:])
+    else:
+      inner = [matmul_flops(sub) for sub in _inner_jaxprs(eqn.params)]
+      if name == 'cond':
+        total += max(inner, default=0.0)
+      elif name == 'scan':
+        total += eqn.params['length'] * sum(inner)
+      else:
+        total += sum(inner)
+  return total
+
+
+def _inner_jaxprs(params):
+  """The jaxprs among an equation's parameters (a `pjit`'s body, a `cond`'s branches, ...)."""
+  for value in params.values():
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      if hasattr(item, 'eqns') or hasattr(getattr(item, 'jaxpr', None), 'eqns'):
+        yield item
