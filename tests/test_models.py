@@ -408,7 +408,7 @@ def test_attention_padded_to_even_tokens_is_the_unpadded_attention(q_tokens, kv_
     def project(q, k, v):
       out = vit.fused_attention(q, k, v, kv_mask, 'xla', pad_to_even=pad_to_even)
       return jnp.sum(out * cotangent), out
-    (_, out), grads = jax.value_and_grad(project, argnums=(0, 1, 2), has_aux=True)(
+    (_, out), grads = jax.jit(jax.value_and_grad(project, argnums=(0, 1, 2), has_aux=True))(
         query, key, value)
     return out, grads
 
@@ -420,9 +420,9 @@ def test_attention_padded_to_even_tokens_is_the_unpadded_attention(q_tokens, kv_
     np.testing.assert_allclose(grad, reference_grad, atol=1e-5)
   if masked:  # The masked keys were not read: changing them changes nothing.
     changed = value.at[0, kv_tokens - 6:].set(100.0)
-    np.testing.assert_allclose(
-        vit.fused_attention(query, key, changed, kv_mask, 'xla', pad_to_even=True), out,
-        atol=1e-5)
+    padded = jax.jit(lambda v: vit.fused_attention(query, key, v, kv_mask, 'xla',
+                                                   pad_to_even=True))
+    np.testing.assert_allclose(padded(changed), out, atol=1e-5)
 
 
 def test_auto_attention_lowers_without_cudnn_on_this_cpu():
