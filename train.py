@@ -5,7 +5,12 @@ The command line is `vit_jax/train/main.py`; the loop is `vit_jax/train/loop.py`
 
 import sys
 
-from vit_jax.train import main
+from vit_jax import cpu_allocator
+
+if __name__ == '__main__':
+  cpu_allocator.restart_with_huge_pages()  # Before anything is imported (see there).
+
+from vit_jax.train import main  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 if __name__ == '__main__':
   sys.exit(main.run())

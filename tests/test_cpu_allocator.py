@@ -4,6 +4,7 @@ reusing it faults in no fresh pages; the backend guess follows JAX_PLATFORMS."""
 
 import json
 import platform
+import sys
 
 import pytest
 
@@ -69,3 +70,38 @@ def test_without_jax_platforms_the_guess_is_the_cpu_unless_a_plugin_is_installed
   assert cpu_allocator.jax_will_use_cpu({})
   installed.add('jax_cuda12_plugin')
   assert not cpu_allocator.jax_will_use_cpu({})
+
+
+_GLIBC = cpu_allocator._glibc_version()  # pylint: disable=protected-access
+needs_hugetlb_tunable = pytest.mark.skipif(_GLIBC is None or _GLIBC < (2, 35),
+                                           reason='glibc.malloc.hugetlb needs glibc >= 2.35')
+
+
+@needs_hugetlb_tunable
+def test_the_restart_adds_the_huge_page_tunable_once_and_only_for_the_cpu():
+  calls = []
+  fake_execve = lambda *args: calls.append(args)
+  environ = {'JAX_PLATFORMS': 'cpu', 'GLIBC_TUNABLES': 'glibc.malloc.arena_max=4', 'A': '1'}
+  assert cpu_allocator.restart_with_huge_pages(environ, execve=fake_execve)
+  (executable, argv, env), = calls
+  assert argv == sys.orig_argv and executable == sys.executable  # The same command again.
+  assert env == dict(environ, GLIBC_TUNABLES='glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1')
+  assert environ['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=4'  # The caller's left alone.
+  # Set already (by the restart or by the user, whatever the value), or not the CPU: no restart.
+  for untouched in ({'JAX_PLATFORMS': 'cpu', 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'},
+                    {'JAX_PLATFORMS': 'cuda'}):
+    assert not cpu_allocator.restart_with_huge_pages(untouched, execve=fake_execve)
+  assert len(calls) == 1
+
+
+@needs_hugetlb_tunable
+def test_the_restart_is_the_same_process_with_the_tunable_set():
+  script = ('import json, os\n'
+            'from vit_jax import cpu_allocator\n'
+            'print(json.dumps([os.getpid(), os.environ.get("GLIBC_TUNABLES")]), flush=True)\n'
+            'cpu_allocator.restart_with_huge_pages()\n')
+  result = run_python(['-c', script], env={'GLIBC_TUNABLES': ''})  # JAX_PLATFORMS=cpu there.
+  assert result.returncode == 0, result.stderr[-2000:]
+  first, second = (json.loads(line) for line in result.stdout.splitlines())
+  assert first[0] == second[0]  # One process, started again: a kill still reaches the run.
+  assert not first[1] and second[1] == 'glibc.malloc.hugetlb=1'

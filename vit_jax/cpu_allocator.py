@@ -1,5 +1,5 @@
 """glibc's malloc set up for XLA's CPU runtime: `tune_at_start()`, called first thing by
-train.py and the benchmark.
+train.py and the benchmark (and `restart_with_huge_pages()`, before it, by their commands).
 
 Why: XLA's CPU kernels (its YNNPACK fusions) malloc and free scratch buffers of 128 KiB to a few
 MiB on every call, from XLA's worker threads. With glibc's defaults a worker thread's heap is
@@ -29,6 +29,7 @@ import ctypes.util
 import importlib.util
 import os
 import platform
+import sys
 
 # mallopt's parameter numbers (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -39,9 +40,20 @@ SETTINGS = {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 128 << 20, _M_TOP_PA
 _tuned = False  # Whether this process asked for the settings (TensorFlow may undo them).
 
 
+def _glibc_version():
+  """(major, minor) of the C library where it is glibc on Linux, else None."""
+  name, version = platform.libc_ver()
+  if platform.system() != 'Linux' or name != 'glibc':
+    return None
+  try:
+    return tuple(int(part) for part in version.split('.')[:2])
+  except ValueError:
+    return None
+
+
 def _apply():
   """Sets SETTINGS with mallopt; False where the C library is not glibc or refuses one."""
-  if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
+  if _glibc_version() is None:
     return False
   libc = ctypes.CDLL(ctypes.util.find_library('c'))
   return all(libc.mallopt(param, value) == 1 for param, value in SETTINGS.items())
@@ -81,3 +93,32 @@ def reapply_after_tensorflow():
   right after it has made TensorFlow apply its own M_MMAP_THRESHOLD."""
   if _tuned:
     _apply()
+
+
+# glibc >= 2.35: malloc asks for transparent huge pages (madvise) on the memory it maps.
+HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
+
+
+def restart_with_huge_pages(environ=None, execve=os.execve):
+  """Runs this command again, the same process, with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
+  added, where JAX will run on the CPU under glibc >= 2.35 and no `glibc.malloc.hugetlb` is set
+  yet; otherwise returns False and changes nothing. For train.py and the benchmark, first thing.
+
+  Why: even with the settings above, some processes keep handing a thread heap of about 22 MiB
+  back to the kernel at every step and fault it in again (4,800-12,000 faults per quickstart
+  step in 5 of 9 processes one evening). Backed by huge pages, the same churn costs 512 times
+  fewer faults: 0-441 per step in 9 of 9, and the quickstart 72.9 s against 77.1 s, the same
+  result (BENCHMARKS.md). glibc reads its tunables only when a process starts, hence the
+  `execve` (the process keeps its id; nothing has been imported yet, so it costs milliseconds).
+  """
+  environ = os.environ if environ is None else environ
+  version = _glibc_version()
+  tunables = environ.get('GLIBC_TUNABLES', '')
+  if (version is None or version < (2, 35) or 'glibc.malloc.hugetlb' in tunables
+      or not jax_will_use_cpu(environ)):
+    return False
+  env = dict(environ, GLIBC_TUNABLES=':'.join(filter(None, (tunables, HUGE_PAGES_TUNABLE))))
+  sys.stdout.flush()
+  sys.stderr.flush()
+  execve(sys.executable, sys.orig_argv, env)
+  return True  # Only where `execve` is a stand-in that returns.

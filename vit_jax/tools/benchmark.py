@@ -28,6 +28,8 @@ for its own process, whatever JAX_COMPILATION_CACHE_DIR says.
 """
 
 from vit_jax import cpu_allocator
+if __name__ == '__main__':  # The command, not an import of the module (the tests import it).
+  cpu_allocator.restart_with_huge_pages()  # As train.py does, before anything is imported.
 cpu_allocator.tune_at_start()  # As train.py does, before JAX allocates: steps run as there.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
