@@ -3,13 +3,15 @@ also after TensorFlow has set its own mmap threshold (as it does in every train.
 reusing it faults in no fresh pages; the backend guess follows JAX_PLATFORMS."""
 
 import json
-import platform
 import sys
 
 import pytest
 
 from conftest import run_python
 from vit_jax import cpu_allocator
+
+# (major, minor) of the C library, or None where it is not glibc.
+_GLIBC = cpu_allocator._glibc_version()  # pylint: disable=protected-access
 
 # In a fresh process, `tuned` or not, after TensorFlow's mallopt as in train.py: malloc, write
 # and free a 4 MiB buffer 50 times (what XLA's CPU kernels do with their scratch buffers on
@@ -48,7 +50,7 @@ def _faults_per_round(mode):
 
 
 @pytest.mark.slow  # Two Pythons importing TensorFlow.
-@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='the settings are glibc\'s')
+@pytest.mark.skipif(_GLIBC is None, reason='the settings are glibc\'s')
 def test_a_freed_buffer_is_reused_without_faults_after_tensorflows_threshold():
   default, tuned = _faults_per_round('default'), _faults_per_round('tuned')
   pages = (4 << 20) // 4096
@@ -72,7 +74,6 @@ def test_without_jax_platforms_the_guess_is_the_cpu_unless_a_plugin_is_installed
   assert not cpu_allocator.jax_will_use_cpu({})
 
 
-_GLIBC = cpu_allocator._glibc_version()  # pylint: disable=protected-access
 needs_hugetlb_tunable = pytest.mark.skipif(_GLIBC is None or _GLIBC < (2, 35),
                                            reason='glibc.malloc.hugetlb needs glibc >= 2.35')
 

@@ -4,8 +4,9 @@
 # versions, the GPU correctness tests (tests/test_gpu.py), the benchmark with --baseline for the
 # sweep's ViT-B/16 bf16 baseline, sweep variants of it (SWEEP_ONLY, comma-separated names), then
 # issue 18's three CPU models in bf16, while SECONDS (default 480) last. Each JSON line goes to
-# OUT_DIR/bench.jsonl (sweep rows to OUT_DIR/sweep.jsonl), each log beside it. The machine's image has jax, flax, optax and orbax
-# but no ml_collections: carry it as a wheel in .whl (BENCHMARKS.md says how).
+# OUT_DIR/bench.jsonl (sweep rows to OUT_DIR/sweep.jsonl), each log beside it. The machine's
+# image has jax, flax, optax and orbax but no ml_collections: carry it as a wheel in .whl
+# (BENCHMARKS.md says how).
 set -uo pipefail
 out=${1:?usage: bash tools/gpu_figures.sh OUT_DIR [SECONDS]}
 seconds=${2:-480}

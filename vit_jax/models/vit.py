@@ -278,22 +278,23 @@ def fused_attention(query, key, value, kv_mask, implementation, pad_to_even=None
   if pad_to_even is None:
     pad_to_even = implementation == 'cudnn'
   batch, q_tokens, kv_tokens = query.shape[0], query.shape[1], key.shape[1]
-  kv_lengths = None
-  if kv_mask is not None:
-    # The real keys come first (NaFlex): a key length per example, which cuDNN takes as is
-    # (a boolean mask it would expand into a dense bias).
-    kv_lengths = jnp.maximum(jnp.sum(kv_mask, axis=-1), 1).astype(jnp.int32)
-  if pad_to_even and (q_tokens % 2 or kv_tokens % 2):
-    if kv_lengths is None:
-      kv_lengths = jnp.full((batch,), kv_tokens, jnp.int32)
+  padding = pad_to_even and (q_tokens % 2 or kv_tokens % 2)
+  if padding:
     pad = lambda x: jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)))
     query, key, value = pad(query), pad(key), pad(value)
-  if kv_lengths is None:
-    masking = {}
-  elif implementation == 'cudnn' or pad_to_even:
-    masking = {'key_value_seq_lengths': kv_lengths}
+  if implementation == 'cudnn' or padding:
+    # A key length per example (the real keys come first, as NaFlex lays them out), which cuDNN
+    # takes as is where it would expand a boolean mask into a dense bias; the zero token of the
+    # padding lies past every length.
+    if kv_mask is not None:
+      masking = {'key_value_seq_lengths':
+                 jnp.maximum(jnp.sum(kv_mask, axis=-1), 1).astype(jnp.int32)}
+    elif padding:
+      masking = {'key_value_seq_lengths': jnp.full((batch,), kv_tokens, jnp.int32)}
+    else:
+      masking = {}
   else:
-    masking = {'mask': kv_mask[:, None, None, :]}
+    masking = {} if kv_mask is None else {'mask': kv_mask[:, None, None, :]}
   encoded = jax.nn.dot_product_attention(query, key, value, implementation=implementation,
                                          **masking)
   return encoded[:, :q_tokens]

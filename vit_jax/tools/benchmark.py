@@ -18,10 +18,11 @@ labels), jitted with the same shardings and state donation. Both steps are timed
 this process (ours, textbook, ours, ...), and the JSON line adds `textbook_step_ms`,
 `step_overhead` (the median over repeats of ours / textbook, each repeat's pair run back to
 back), `textbook_compile_s`, `train_recompile_s` (ours compiled again beside it; each the
-median of `--compile_repeats` compiles, default `COMPILE_REPEATS`) and `compile_overhead` (the median over those repeats of
-ours / textbook, `compile_overhead_repeats`: all compiled after the process's first compiles,
-each with jax's caches cleared, in turns). What our step does beyond the textbook (uint8 resize
-and normalisation, the non-finite guard, mixup, EMA, the metrics) is what the overhead measures.
+median of `--compile_repeats` compiles, default `COMPILE_REPEATS`) and `compile_overhead` (the
+median over those repeats of ours / textbook, `compile_overhead_repeats`: all compiled after
+the process's first compiles, each with jax's caches cleared, in turns). What our step does
+beyond the textbook (uint8 resize and normalisation, the non-finite guard, mixup, EMA, the
+metrics) is what the overhead measures.
 
 Compile times are fresh compiles: the command switches jax's persistent compilation cache off
 for its own process, whatever JAX_COMPILATION_CACHE_DIR says.
