@@ -26,6 +26,25 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(REPO_ROOT, '.pytest_cache', 'jax_compilation_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.3')
 
+# The suite compiles ~2,000 small programs and runs few steps of most: XLA's compile was over
+# half of its CPU time. Its LLVM backend at -O0 compiles a tiny ViT's train step in half the
+# CPU time (3.3 s against 7.3 s) and runs it ~1.5x slower (the quickstart's 4-layer step ~3x),
+# with the same HLO optimisations, so the tests and their processes use it. The runs that train
+# for hundreds of steps (the quickstart, its RoPE variant, distillation) run as users do, at
+# XLA's default level: `XLA_DEFAULT_LEVEL` (BENCHMARKS.md, "The test suite").
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
+XLA_DEFAULT_LEVEL = {'XLA_FLAGS': ''}
+
+
+def with_test_xla_flags(xla_flags):
+  """`xla_flags` (an XLA_FLAGS value) with the tests' backend level, unless it sets its own."""
+  if 'xla_backend_optimization_level' in xla_flags:
+    return xla_flags
+  return f'{TEST_XLA_FLAGS} {xla_flags}'.strip()
+
+
+os.environ['XLA_FLAGS'] = with_test_xla_flags(os.environ.get('XLA_FLAGS', ''))
+
 
 def shared_fixtures(name):
   """The folder of a reference checkpoint under shared/fixtures (see its README).
@@ -45,8 +64,14 @@ def shared_fixtures(name):
 
 
 def _python_env(env=None):
-  """The environment of the Pythons the tests start: this one's, the repository importable."""
-  return dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu', **(env or {}))
+  """The environment of the Pythons the tests start: this one's, the repository importable.
+
+  An XLA_FLAGS in `env` is added to the tests' own (`XLA_DEFAULT_LEVEL`: XLA's defaults).
+  """
+  env = dict(env or {})
+  if env.get('XLA_FLAGS'):
+    env['XLA_FLAGS'] = with_test_xla_flags(env['XLA_FLAGS'])
+  return dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu', **env)
 
 
 def run_python(args, env=None, timeout=600, cwd=REPO_ROOT):
@@ -156,7 +181,7 @@ def _quickstart_in_background(request, tmp_path_factory, worker_id):
         process = subprocess.Popen(
             [sys.executable, 'train.py', '--config', 'configs/quickstart.py',
              '--workdir', str(folder / _QUICKSTART)],
-            cwd=REPO_ROOT, env=_python_env(), stdout=stdout, stderr=stderr)
+            cwd=REPO_ROOT, env=_python_env(XLA_DEFAULT_LEVEL), stdout=stdout, stderr=stderr)
 
       def record_exit_status():
         status = process.wait()

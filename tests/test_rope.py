@@ -201,12 +201,12 @@ def test_a_rope_quickstart_reaches_97_percent_and_runs_at_another_resolution(tmp
   at 24 px (a 6x6 grid where it trained on 4x4), with no weight surgery."""
   import json
   import os
-  from conftest import run_train
+  from conftest import XLA_DEFAULT_LEVEL, run_train
   from vit_jax import restore
   from vit_jax.data import device, digits
   workdir = str(tmp_path / 'rope')
   result = run_train(['--config', 'configs/quickstart.py', '--config.model.posemb=rope',
-                      '--workdir', workdir], timeout=1200)
+                      '--workdir', workdir], env=XLA_DEFAULT_LEVEL, timeout=1200)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(workdir, 'final_metrics.json')) as f:
     final = json.load(f)

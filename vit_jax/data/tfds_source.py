@@ -16,8 +16,7 @@ import socket
 import time
 
 import numpy as np
-from vit_jax.data.tensorflow_import import tf
-import tensorflow_datasets as tfds
+from vit_jax.data.tensorflow_import import tf, tfds
 
 from vit_jax.data import augment
 from vit_jax.data import table as table_lib

@@ -202,6 +202,7 @@ def _initial_state(config, run, files, num_classes, log):
       return state
   if config.pretrained.path:
     from vit_jax.weights import pretrained  # Only fine-tuning needs the converters.
+    pretrained.ensure_present(config.pretrained, log)  # Before seconds of initialisation.
     init_params = jax.device_get(run.new_state().params)
     params = pretrained.load_pretrained(config.pretrained, init_params,
                                         dict(config.model_fields, num_classes=num_classes), log)

@@ -21,15 +21,24 @@ def load_pretrained(pretrained, init_params, model_kwargs, log=print):
     log: where progress notes go.
   """
   from vit_jax.weights import convert  # pylint: disable=g-import-not-at-top
+  path = ensure_present(pretrained, log)
+  log(f'loading pretrained weights from {path}')
+  return convert.load_for_finetune(path, init_params, model_kwargs, format=pretrained.format,
+                                   log=log, options_hint=' (config.model.<option>)')
+
+
+def ensure_present(pretrained, log=print):
+  """`pretrained.path`, fetched from `pretrained.url` when absent; UserError if neither is there.
+
+  Cheap, so a run checks it before it spends seconds initialising the model it would fit.
+  """
   path = pretrained.path
   if not os.path.exists(path):
     if pretrained.url:
       download(pretrained.url, path, log)
     else:
       raise UserError(f'pretrained checkpoint {path} does not exist')
-  log(f'loading pretrained weights from {path}')
-  return convert.load_for_finetune(path, init_params, model_kwargs, format=pretrained.format,
-                                   log=log, options_hint=' (config.model.<option>)')
+  return path
 
 
 def download(url, path, log=print, timeout_s=10):
