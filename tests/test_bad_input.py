@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_python, run_train
+from conftest import TINY_MODEL, run_python, run_train
 
 QUICKSTART = ['--config', 'configs/quickstart.py']
-# A quickstart run short enough to finish in seconds (no eval until the end, one checkpoint).
+# A quickstart run short enough to finish in seconds (no eval until the end, one checkpoint),
+# of the one-layer 16-wide model.
 SHORT_RUN = ['--config.total_steps=2', '--config.schedule.warmup_steps=1',
              '--config.log_every=1', '--config.eval_every=0', '--config.checkpoint_every=0',
-             '--config.batch_size=16', '--config.plot_every_eval=False']
+             '--config.batch_size=16', '--config.plot_every_eval=False', *TINY_MODEL]
 # Runs train.py with the tfds storage host pointed at a closed local port: "offline", for sure.
 OFFLINE_TRAIN = (
     'import runpy, sys\n'
@@ -232,7 +233,7 @@ CASES = {
         ('absent.npz', 'could not be fetched', 'put it at'),
         prepare=lambda tmp: [f'--config.pretrained.path={os.path.join(tmp, "absent.npz")}']),
     'workdir_of_another_config': Case(
-        QUICKSTART, ('different config', 'model.hidden_size', '64 -> 32',
+        QUICKSTART, ('different config', 'model.hidden_size', '16 -> 32',
                      '--allow_config_change'),
         prepare=_finished_run, populate_workdir=False),
 }
