@@ -72,7 +72,7 @@ def shared_fixtures(name):
                           'VIT_JAX_FIXTURES to the shared/fixtures folder')
 
 
-def _python_env(env=None):
+def python_env(env=None):
   """The environment of the Pythons the tests start: this one's, the repository importable.
 
   An XLA_FLAGS in `env` is added to the tests' own (`XLA_DEFAULT_LEVEL`: XLA's defaults).
@@ -85,7 +85,7 @@ def _python_env(env=None):
 
 def run_python(args, env=None, timeout=600, cwd=REPO_ROOT):
   """Runs `python <args>` from the repository root; returns the CompletedProcess."""
-  return subprocess.run([sys.executable] + list(args), cwd=cwd, env=_python_env(env),
+  return subprocess.run([sys.executable] + list(args), cwd=cwd, env=python_env(env),
                         timeout=timeout, capture_output=True, text=True)
 
 
@@ -190,7 +190,7 @@ def _quickstart_in_background(request, tmp_path_factory, worker_id):
         process = subprocess.Popen(
             [sys.executable, 'train.py', '--config', 'configs/quickstart.py',
              '--workdir', str(folder / _QUICKSTART)],
-            cwd=REPO_ROOT, env=_python_env(XLA_DEFAULT_LEVEL), stdout=stdout, stderr=stderr)
+            cwd=REPO_ROOT, env=python_env(XLA_DEFAULT_LEVEL), stdout=stdout, stderr=stderr)
 
       def record_exit_status():
         status = process.wait()

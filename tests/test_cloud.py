@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT, TINY_QUICKSTART, TINY_STEPS
+from conftest import REPO_ROOT, TINY_QUICKSTART, TINY_STEPS, python_env
 from gcs_emulator import Emulator, free_port
 
 RUN = 'sweep/run'
@@ -48,8 +48,7 @@ DIGEST = textwrap.dedent('''
 
 
 def _env(extra):
-  return dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
-              **extra)
+  return python_env(dict(extra, PYTHONUNBUFFERED='1'))
 
 
 def _run(argv, env, cwd, timeout=600):

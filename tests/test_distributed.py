@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, run_train
+from conftest import REPO_ROOT, python_env, run_train
 
 
 # AdamW divides by sqrt(v): where a gradient is near zero (the zero-initialised head after a few
@@ -86,8 +86,7 @@ def test_two_processes_match_one_process_and_restore(tmp_path):
 
   multi = str(tmp_path / 'multi')
   port = _free_port()
-  env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = python_env({'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
   processes = [
       subprocess.Popen(
           [sys.executable, 'train.py', *_args(multi, steps=5),

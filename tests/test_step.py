@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, python_env
 from configs import quickstart
 from vit_jax.train import build
 from vit_jax.train import config as config_lib
@@ -52,8 +52,7 @@ print('guard ok on', jax.device_count(), 'devices')
 
 @pytest.mark.parametrize('devices, fsdp', [(1, 1), (8, 2)])
 def test_a_nan_gradient_changes_no_state_and_is_counted(devices, fsdp):
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env = python_env({'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'})
   result = subprocess.run([sys.executable, '-c', GUARD_SCRIPT, REPO_ROOT, str(fsdp)], env=env,
                           capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
