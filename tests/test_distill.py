@@ -19,18 +19,25 @@ from vit_jax.train import distill
 from vit_jax.train import loop
 
 
+def _student_overrides(total_steps, teacher=None, **distill_options):
+  """The quickstart's keys a student changes, flat (`'model.num_layers': 1`): far smaller
+  than the quickstart teacher (one 32-wide layer), at its own rate."""
+  overrides = {'model.num_layers': 1, 'model.hidden_size': 32, 'model.mlp_dim': 64,
+               'model.num_heads': 2, 'total_steps': total_steps, 'log_every': 50,
+               'eval_every': 0, 'checkpoint_every': 0, 'plot_every_eval': False,
+               'schedule.warmup_steps': min(20, total_steps),
+               'schedule.base_lr': 3e-3}  # The student's own recipe, whatever the quickstart's.
+  if teacher:
+    overrides['distill.teacher'] = teacher
+    overrides.update({f'distill.{key}': value for key, value in distill_options.items()})
+  return overrides
+
+
 def _student(total_steps, teacher=None, **distill_options):
-  """A student far smaller than the quickstart teacher (one 32-wide layer)."""
+  """The quickstart config with `_student_overrides`."""
   from configs import quickstart
   config = quickstart.get_config()
-  config.model.update(num_layers=1, hidden_size=32, mlp_dim=64, num_heads=2)
-  config.update(total_steps=total_steps, log_every=50, eval_every=0, checkpoint_every=0,
-                plot_every_eval=False)
-  config.schedule.warmup_steps = min(20, total_steps)
-  config.schedule.base_lr = 3e-3  # The student's own recipe, whatever the quickstart's.
-  if teacher:
-    config.distill.teacher = teacher
-    config.distill.update(distill_options)
+  config.update_from_flattened_dict(_student_overrides(total_steps, teacher, **distill_options))
   return config
 
 
@@ -54,19 +61,14 @@ def test_a_distilled_student_agrees_with_its_teacher_more_than_one_trained_alone
   of 4e-3 the student's margin fell to 2 digits, hence its own 3e-3."""
   teacher_dir, _ = trained_quickstart
   teacher_predictions = _test_predictions(teacher_dir)
-  # _student(800)'s recipe, 2 layers 48 wide, mixup on; as train.py runs it, at XLA's default
-  # optimisation level (800 steps: see conftest.XLA_DEFAULT_LEVEL).
-  student = ['--config', 'configs/quickstart.py', '--config.total_steps=800',
-             '--config.model.num_layers=2', '--config.model.hidden_size=48',
-             '--config.model.mlp_dim=96', '--config.model.num_heads=4',
-             '--config.schedule.warmup_steps=20', '--config.schedule.base_lr=3e-3',
-             '--config.aug.mixup_alpha=0.5', '--config.log_every=50', '--config.eval_every=0',
-             '--config.checkpoint_every=0', '--config.plot_every_eval=False']
-  distilled = [f'--config.distill.teacher={teacher_dir}', '--config.distill.kind=soft',
-               '--config.distill.alpha=0.5', '--config.distill.temperature=1.0']
   agreement = {}
-  for name, extra in (('alone', []), ('distilled', distilled)):
-    result = run_train(student + extra + ['--workdir', str(tmp_path / name)],
+  for name, teacher in (('alone', None), ('distilled', teacher_dir)):
+    overrides = _student_overrides(800, teacher, kind='soft', alpha=0.5, temperature=1.0)
+    overrides.update({'model.num_layers': 2, 'model.hidden_size': 48, 'model.mlp_dim': 96,
+                      'model.num_heads': 4, 'aug.mixup_alpha': 0.5})
+    # As train.py runs it, at XLA's default level (800 steps: see conftest.XLA_DEFAULT_LEVEL).
+    result = run_train(['--config', 'configs/quickstart.py', '--workdir', str(tmp_path / name),
+                        *(f'--config.{key}={value}' for key, value in overrides.items())],
                        env=XLA_DEFAULT_LEVEL, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     agreement[name] = float(np.mean(_test_predictions(tmp_path / name) == teacher_predictions))
