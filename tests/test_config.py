@@ -6,9 +6,11 @@ import json
 import os
 import shutil
 
+import jax
+import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, XLA_DEFAULT_LEVEL, run_train
+from conftest import REPO_ROOT, run_train
 from vit_jax import models
 from vit_jax.errors import UserError
 from vit_jax.train import checkpoint
@@ -241,16 +243,33 @@ def test_a_schema_1_config_json_migrates():
   assert resolved.model_fields.hidden_size == 16
 
 
+def _flat_params(workdir, step=None):
+  state = checkpoint.restore_train_state(str(workdir), step=step)
+  return np.concatenate([np.ravel(np.asarray(leaf, np.float64))
+                         for leaf in jax.tree.leaves(state.params)])
+
+
 @pytest.mark.slow
 def test_a_workdir_of_the_previous_code_resumes_and_ends_as_a_fresh_run(tmp_path):
   old = tmp_path / 'old'
   shutil.copytree(V1_WORKDIR, old)
-  # At XLA's default level, as the stored checkpoint was made: -O0 rounds differently.
-  resumed = run_train(V1_ARGS + ['--workdir', str(old)], env=XLA_DEFAULT_LEVEL)
+  resumed = run_train(V1_ARGS + ['--workdir', str(old)])
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert 'resuming from the checkpoint at step 4' in resumed.stdout
-  fresh = run_train(V1_ARGS + ['--workdir', str(tmp_path / 'fresh')], env=XLA_DEFAULT_LEVEL)
-  assert fresh.returncode == 0, fresh.stderr[-2000:]
-  digest = lambda w: checkpoint.tree_digest(checkpoint.restore_train_state(str(w)).params)
-  assert digest(old) == digest(tmp_path / 'fresh')
+  fresh = tmp_path / 'fresh'
+  fresh_run = run_train(V1_ARGS + ['--workdir', str(fresh)])
+  assert fresh_run.returncode == 0, fresh_run.stderr[-2000:]
+  # The fixture's first 4 steps were computed on another machine: another CPU (AVX2 against
+  # AVX-512) or XLA level rounds them differently, so the two runs end equal up to rounding,
+  # not bit for bit (tests/test_resilience.py checks bit-exact resumes on one machine). The
+  # measured difference is 2e-4 of what steps 5-8 move the params (at XLA's default level and
+  # at -O0, on an AVX-512 CPU); a resume that read other batches, or lost the optimizer's
+  # moments or the schedule's step, would change each of those updates, not their last bits.
+  resumed_params, fresh_params = _flat_params(old), _flat_params(fresh)
+  movement = np.linalg.norm(fresh_params - _flat_params(fresh, step=4))
+  assert np.linalg.norm(resumed_params - fresh_params) < 1e-2 * movement
+  losses = lambda w: [r['train_loss'] for r in map(json.loads, (w / 'metrics.jsonl').open())
+                      if 'train_loss' in r and r['step'] > 4]
+  np.testing.assert_allclose(losses(old), losses(fresh), rtol=1e-5)
+  assert len(losses(old)) == 2  # Steps 6 and 8.
   assert json.loads((old / 'config.json').read_text())['schema_version'] == 2
