@@ -268,7 +268,8 @@ def test_a_workdir_of_the_previous_code_resumes_and_ends_as_a_fresh_run(tmp_path
   resumed_params, fresh_params = _flat_params(old), _flat_params(fresh)
   movement = np.linalg.norm(fresh_params - _flat_params(fresh, step=4))
   assert np.linalg.norm(resumed_params - fresh_params) < 1e-2 * movement
-  losses = lambda w: [r['train_loss'] for r in map(json.loads, (w / 'metrics.jsonl').open())
+  losses = lambda w: [r['train_loss']
+                      for r in map(json.loads, (w / 'metrics.jsonl').read_text().splitlines())
                       if 'train_loss' in r and r['step'] > 4]
   np.testing.assert_allclose(losses(old), losses(fresh), rtol=1e-5)
   assert len(losses(old)) == 2  # Steps 6 and 8.
