@@ -3,6 +3,7 @@ environment's packages), `pip install --no-deps -e .`, then from a folder outsid
 train with the console script and a config given by path, restore in Python, run a tool."""
 
 import os
+import site
 import subprocess
 import sys
 
@@ -25,6 +26,12 @@ def test_installed_package_trains_restores_and_plots_from_another_folder(tmp_pat
   venv = tmp_path / 'venv'
   _run([sys.executable, '-m', 'venv', '--system-site-packages', str(venv)], cwd=tmp_path)
   bin_dir = venv / 'bin'
+  # --system-site-packages sees the base interpreter's packages only: where the tests run in a
+  # virtual environment themselves (Python 3.12's venvs have no setuptools of their own), the
+  # new one reads this environment's site folders too, their .pth files included.
+  (new_site,) = venv.glob('lib/python*/site-packages')
+  (new_site / 'test_environment.pth').write_text(''.join(
+      f'import site; site.addsitedir({folder!r})\n' for folder in site.getsitepackages()))
   # No build isolation: setuptools comes from the test environment, nothing from the network.
   _run([str(bin_dir / 'python'), '-m', 'pip', 'install', '--quiet', '--no-deps',
         '--no-build-isolation', '-e', REPO_ROOT], cwd=tmp_path)
