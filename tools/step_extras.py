@@ -73,7 +73,7 @@ def variant_steps(config, run_parts, num_classes):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         return optax.apply_updates(state.params, updates), opt_state
 
-      grad_norm = optax.global_norm(grads)
+      grad_norm = optax.tree.norm(grads)
       if guard == 'leaf':
         finite = jnp.isfinite(loss) & jnp.all(jnp.stack(
             [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(grads)]))

@@ -137,7 +137,7 @@ def train_step(state, batch, teacher_params=None, *, model, tx, schedule, settin
   # NaN or Inf in any gradient makes it NaN or Inf (so does a norm above ~1.8e19, whose square
   # overflows float32: that update is skipped too). One reduction serves both, where a test per
   # leaf was a second pass over every gradient (2,500 more HLO lines for the quickstart).
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   def apply_update(_):
