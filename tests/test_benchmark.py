@@ -85,6 +85,17 @@ def test_without_baseline_the_textbook_figures_are_null(monkeypatch):
     benchmark.run(config, data_only=True, baseline=True)
 
 
+def test_timed_turns_alternate_which_call_runs_first():
+  # On a shared machine the block that runs right after another's sees its caches and load; the
+  # order turns each repeat so that neither step of a --baseline pair always takes that place.
+  order = []
+  calls = [lambda: order.append('ours'), lambda: order.append('textbook')]
+  per_call = benchmark.time_interleaved(calls, steps=2, repeats=3)
+  assert order == ['ours'] * 2 + ['textbook'] * 4 + ['ours'] * 4 + ['textbook'] * 2
+  assert [len(times) for times in per_call] == [3, 3]
+  assert all(seconds >= 0 for times in per_call for seconds in times)
+
+
 def test_textbook_step_is_ours_without_the_extras_and_trains():
   # From the same init on the same batch, the textbook step's first loss is our step's (the
   # same model, images and labels), and its loss falls as it trains on that batch.

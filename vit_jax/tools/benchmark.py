@@ -15,12 +15,13 @@ unknown (CPU). The last line printed is one JSON object.
 transformation) and batch: `jax.value_and_grad` of the softmax cross-entropy, `tx.update` and
 `optax.apply_updates`, nothing else (the images already resized and normalised, one-hot
 labels), jitted with the same shardings and state donation. Both steps are timed in turns in
-this process (ours, textbook, ours, ...), and the JSON line adds `textbook_step_ms`,
-`step_overhead` (the median over repeats of ours / textbook, each repeat's pair run back to
-back), `textbook_compile_s`, `train_recompile_s` (ours compiled again beside it; each the
-median of `--compile_repeats` compiles, default `COMPILE_REPEATS`) and `compile_overhead` (the
-median over those repeats of ours / textbook, `compile_overhead_repeats`: all compiled after
-the process's first compiles, each with jax's caches cleared, in turns). What our step does
+this process (ours then textbook, then textbook then ours, ...), and the JSON line adds
+`textbook_step_ms`, `step_overhead` (the median over repeats of ours / textbook, each repeat's
+pair run back to back), `textbook_compile_s`, `train_recompile_s` (ours compiled again beside
+it; each the median of `--compile_repeats` compiles, default `COMPILE_REPEATS`) and
+`compile_overhead` (the median over those repeats of ours / textbook,
+`compile_overhead_repeats`: all compiled after the process's first compiles, each with jax's
+caches cleared, in turns whose order alternates as the steps' do). What our step does
 beyond the textbook (uint8 resize and normalisation, the non-finite guard, mixup, EMA, the
 metrics) is what the overhead measures.
 
@@ -117,12 +118,16 @@ def time_calls(call, steps, repeats):
 
 def time_interleaved(calls, steps, repeats):
   """Seconds per call of each of `calls` in each repeat, timed in turns: each repeat runs `steps`
-  calls of the first, then of the second, ..., so a machine's changing load falls on all of
-  them. Returns one list of `repeats` figures per call."""
+  calls of each, one after another, so a machine's changing load falls on all of them. The
+  order turns by one place each repeat (AB, BA, AB, ... for two), so no call always runs first,
+  right after another's block. Returns one list of `repeats` figures per call, in `calls`'
+  order."""
   import jax
   per_call = [[] for _ in calls]
-  for _ in range(repeats):
-    for call, times in zip(calls, per_call):
+  for repeat in range(repeats):
+    turn = repeat % len(calls)
+    order = list(range(len(calls)))[turn:] + list(range(len(calls)))[:turn]
+    for call, times in ((calls[i], per_call[i]) for i in order):
       start = time.perf_counter()
       out = None
       for _ in range(steps):
@@ -245,18 +250,26 @@ def benchmark_steps(config, num_classes, steps, repeats, warmup, baseline=False,
     inputs = textbook_inputs(config, run_parts, train_batch, num_classes)
     # The compiles compared are made in the same state of the process: after the first compiles
     # (a process's first pays for what later ones reuse), each with every jax cache cleared, in
-    # turns (textbook, ours, textbook, ...): one pair varied by ±15% on a shared 2-core machine.
+    # turns whose order alternates (textbook then ours, ours then textbook, ...): one pair
+    # varied by ±15% on a shared 2-core machine.
+    def compile_seconds(lower):  # tracing and lowering included, as in train_compile_s
+      jax.clear_caches()
+      start = time.perf_counter()
+      compiled = lower().compile()
+      return time.perf_counter() - start, compiled
+
+    lower_textbook = lambda: textbook_step_function(run_parts).lower(
+        textbook_state.params, textbook_state.opt_state, *inputs)
+    lower_ours = lambda: run_parts.train_fn.lower(holder['state'], train_batch)
     compile_pairs = []
-    for _ in range(compile_repeats):
-      jax.clear_caches()
-      start = time.perf_counter()
-      compiled_textbook = textbook_step_function(run_parts).lower(
-          textbook_state.params, textbook_state.opt_state, *inputs).compile()
-      textbook_compile_s = time.perf_counter() - start
-      jax.clear_caches()
-      start = time.perf_counter()
-      run_parts.train_fn.lower(holder['state'], train_batch).compile()
-      compile_pairs.append((time.perf_counter() - start, textbook_compile_s))
+    for repeat in range(compile_repeats):
+      if repeat % 2 == 0:
+        textbook_compile_s, compiled_textbook = compile_seconds(lower_textbook)
+        ours_compile_s, _ = compile_seconds(lower_ours)
+      else:
+        ours_compile_s, _ = compile_seconds(lower_ours)
+        textbook_compile_s, compiled_textbook = compile_seconds(lower_textbook)
+      compile_pairs.append((ours_compile_s, textbook_compile_s))
     textbook_holder = [textbook_state.params, textbook_state.opt_state]
     del textbook_state
 
