@@ -116,18 +116,22 @@ def time_calls(call, steps, repeats):
   return statistics.median(time_interleaved([call], steps, repeats)[0])
 
 
+def turn_order(count, repeat):
+  """The indices 0..count-1 in the order of turn `repeat`: rotated by one place each repeat
+  (for two: 0 1, 1 0, 0 1, ...), so no call always runs first, right after another's block."""
+  first = repeat % count
+  return list(range(first, count)) + list(range(first))
+
+
 def time_interleaved(calls, steps, repeats):
   """Seconds per call of each of `calls` in each repeat, timed in turns: each repeat runs `steps`
-  calls of each, one after another, so a machine's changing load falls on all of them. The
-  order turns by one place each repeat (AB, BA, AB, ... for two), so no call always runs first,
-  right after another's block. Returns one list of `repeats` figures per call, in `calls`'
-  order."""
+  calls of each, one after another (in `turn_order`), so a machine's changing load falls on all
+  of them. Returns one list of `repeats` figures per call, in `calls`' order."""
   import jax
   per_call = [[] for _ in calls]
   for repeat in range(repeats):
-    turn = repeat % len(calls)
-    order = list(range(len(calls)))[turn:] + list(range(len(calls)))[:turn]
-    for call, times in ((calls[i], per_call[i]) for i in order):
+    for index in turn_order(len(calls), repeat):
+      call, times = calls[index], per_call[index]
       start = time.perf_counter()
       out = None
       for _ in range(steps):
@@ -258,17 +262,13 @@ def benchmark_steps(config, num_classes, steps, repeats, warmup, baseline=False,
       compiled = lower().compile()
       return time.perf_counter() - start, compiled
 
-    lower_textbook = lambda: textbook_step_function(run_parts).lower(
-        textbook_state.params, textbook_state.opt_state, *inputs)
-    lower_ours = lambda: run_parts.train_fn.lower(holder['state'], train_batch)
+    lowers = (lambda: textbook_step_function(run_parts).lower(  # 0: the textbook's, first
+                  textbook_state.params, textbook_state.opt_state, *inputs),
+              lambda: run_parts.train_fn.lower(holder['state'], train_batch))  # 1: ours
     compile_pairs = []
     for repeat in range(compile_repeats):
-      if repeat % 2 == 0:
-        textbook_compile_s, compiled_textbook = compile_seconds(lower_textbook)
-        ours_compile_s, _ = compile_seconds(lower_ours)
-      else:
-        ours_compile_s, _ = compile_seconds(lower_ours)
-        textbook_compile_s, compiled_textbook = compile_seconds(lower_textbook)
+      pair = {index: compile_seconds(lowers[index]) for index in turn_order(2, repeat)}
+      (textbook_compile_s, compiled_textbook), (ours_compile_s, _) = pair[0], pair[1]
       compile_pairs.append((ours_compile_s, textbook_compile_s))
     textbook_holder = [textbook_state.params, textbook_state.opt_state]
     del textbook_state
