@@ -362,26 +362,30 @@ def test_explicit_attention_matches_fused_and_sows_weights():
   np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize('platform, capability, dtype, head_dim, expected', [
-    ('gpu', '9.0', jnp.bfloat16, 64, 'cudnn'),     # ViT-B on an H100: the fused kernel.
-    ('gpu', '8.0', jnp.float16, 128, 'cudnn'),     # A100, the widest head before Hopper.
-    ('gpu', '8.0', jnp.bfloat16, 256, 'xla'),      # Too wide for cuDNN on Ampere ...
-    ('gpu', '9.0', jnp.bfloat16, 256, 'cudnn'),    # ... but not on Hopper.
-    ('gpu', '9.0', jnp.float32, 64, 'xla'),        # cuDNN's flash attention is half precision.
-    ('gpu', '9.0', jnp.bfloat16, 20, 'xla'),       # Head width not a multiple of 8.
-    ('gpu', '7.0', jnp.bfloat16, 64, 'xla'),       # V100: before Ampere.
-    ('gpu', 'gfx90a', jnp.bfloat16, 64, 'xla'),    # ROCm: no cuDNN.
-    ('cpu', None, jnp.bfloat16, 64, 'xla'),
-    ('tpu', None, jnp.bfloat16, 64, 'xla'),
+@pytest.mark.parametrize('platform, capability, dtype, head_dim, kv_tokens, expected', [
+    ('gpu', '9.0', jnp.bfloat16, 64, 197, 'cudnn'),     # ViT-B on an H100: the fused kernel.
+    ('gpu', '8.0', jnp.float16, 128, 197, 'cudnn'),     # A100, the widest head before Hopper.
+    ('gpu', '8.0', jnp.bfloat16, 256, 197, 'xla'),      # Too wide for cuDNN on Ampere ...
+    ('gpu', '9.0', jnp.bfloat16, 256, 197, 'cudnn'),    # ... but not on Hopper.
+    ('gpu', '9.0', jnp.float32, 64, 197, 'xla'),        # cuDNN's flash attention is half precision.
+    ('gpu', '9.0', jnp.bfloat16, 20, 197, 'xla'),       # Head width not a multiple of 8.
+    ('gpu', '7.0', jnp.bfloat16, 64, 197, 'xla'),       # V100: before Ampere.
+    ('gpu', 'gfx90a', jnp.bfloat16, 64, 197, 'xla'),    # ROCm: no cuDNN.
+    ('cpu', None, jnp.bfloat16, 64, 197, 'deferred_norm'),  # Ti/16 at 224 px on a CPU.
+    ('cpu', None, jnp.float32, 64, 64, 'deferred_norm'),
+    ('cpu', None, jnp.float32, 16, 63, 'xla'),          # Short sequences (the quickstart's 16).
+    ('tpu', None, jnp.bfloat16, 64, 197, 'xla'),
 ])
 def test_auto_attention_picks_cudnn_only_where_it_runs(platform, capability, dtype, head_dim,
-                                                       expected):
+                                                       kv_tokens, expected):
   device = types.SimpleNamespace(platform=platform)
   if capability is not None:
     device.compute_capability = capability
-  assert vit.attention_implementation('auto', dtype, head_dim, device) == expected
+  assert vit.attention_implementation('auto', dtype, head_dim, device, kv_tokens) == expected
   # An explicit choice is the user's, passed through whatever the device.
-  assert vit.attention_implementation('xla', dtype, head_dim, device) == 'xla'
+  assert vit.attention_implementation('xla', dtype, head_dim, device, kv_tokens) == 'xla'
+  assert vit.attention_implementation('deferred_norm', dtype, head_dim, device,
+                                      kv_tokens) == 'deferred_norm'
   if platform == 'gpu':
     assert vit.attention_implementation('cudnn', dtype, head_dim, device) == 'cudnn'
   else:
@@ -423,6 +427,55 @@ def test_attention_padded_to_even_tokens_is_the_unpadded_attention(q_tokens, kv_
     padded = jax.jit(lambda v: vit.fused_attention(query, key, v, kv_mask, 'xla',
                                                    pad_to_even=True))
     np.testing.assert_allclose(padded(changed), out, atol=1e-5)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('masked', [False, True])
+def test_deferred_norm_attention_is_xlas_attention(masked, dtype):
+  # The same function and gradients as jax's XLA path, the same dtype out, and padding keys
+  # (NaFlex's, and an example whose keys are all padding) read by no query.
+  keys = jax.random.split(jax.random.key(5), 4)
+  query, key, value = (jax.random.normal(k, (3, 70, 2, 16), dtype) for k in keys[:3])
+  kv_mask = (jnp.arange(70)[None, :] < jnp.array([[64], [70], [0]])) if masked else None
+  cotangent = jax.random.normal(keys[3], query.shape, jnp.float32)
+
+  def attention_and_grads(implementation):
+    def project(q, k, v):
+      out = vit.fused_attention(q, k, v, kv_mask, implementation)
+      return jnp.sum(out.astype(jnp.float32) * cotangent), out
+    (_, out), grads = jax.jit(jax.value_and_grad(project, argnums=(0, 1, 2), has_aux=True))(
+        query, key, value)
+    return out, grads
+
+  out, grads = attention_and_grads('deferred_norm')
+  reference, reference_grads = attention_and_grads('xla')
+  assert out.dtype == reference.dtype == dtype
+  tolerance = 1e-5 if dtype == jnp.float32 else 3e-2
+  for got, expected in zip((out,) + grads, (reference,) + reference_grads):
+    assert bool(jnp.all(jnp.isfinite(got)))
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
+                               atol=tolerance, rtol=tolerance)
+  if masked:
+    changed = value.at[0, 64:].set(100.0)
+    np.testing.assert_allclose(
+        np.asarray(vit.fused_attention(query, key, changed, kv_mask, 'deferred_norm'), np.float32),
+        np.asarray(out, np.float32), atol=tolerance)
+
+
+def test_auto_attention_on_a_long_cpu_sequence_is_the_xla_model(monkeypatch):
+  # 64 patches and a class token: 'auto' takes deferred_norm in both blocks on this CPU, and the
+  # model computes what it computes with XLA's attention.
+  images = _images(size=64)
+  params = _randomize(_init(models.create_model('ViT-B/16', 3, **TINY), images))
+  calls = []
+  deferred = vit.deferred_norm_attention
+  monkeypatch.setattr(vit, 'deferred_norm_attention',
+                      lambda *args: calls.append(args[1].shape) or deferred(*args))
+  outputs = {implementation: models.create_model(
+      'ViT-B/16', 3, attention_impl=implementation, **TINY).apply({'params': params}, images)
+             for implementation in ('auto', 'xla')}
+  assert calls == [(2, 65, 2, 16)] * 2
+  np.testing.assert_allclose(outputs['auto'], outputs['xla'], atol=1e-5, rtol=1e-5)
 
 
 def test_auto_attention_lowers_without_cudnn_on_this_cpu():

@@ -46,7 +46,11 @@ REMAT_POLICIES = {
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
-ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'deferred_norm')
+# From this many keys on, 'auto' on a CPU picks 'deferred_norm' over XLA's softmax: one layer's
+# attention, forward and backward, took 0.50-0.78 of XLA's time at 65-257 keys (jax 0.10 and
+# 0.12), but 1.03-1.35 at 16 (the quickstart's); see BENCHMARKS.md.
+DEFERRED_NORM_MIN_KEYS = 64
 BOOL_FIELDS = ('gelu_approximate', 'fc_norm', 'no_embed_class', 'qkv_bias', 'pre_norm',
                'distilled')
 
@@ -165,16 +169,17 @@ class MlpBlock(nn.Module):
     return nn.Dropout(self.dropout_rate)(x, deterministic)
 
 
-def attention_implementation(attention_impl, dtype, head_dim, device=None):
-  """The `implementation` to pass to `jax.nn.dot_product_attention`: 'cudnn' or 'xla'.
+def attention_implementation(attention_impl, dtype, head_dim, device=None, kv_tokens=0):
+  """The attention `fused_attention` runs: 'cudnn', 'xla' or 'deferred_norm'.
 
   'auto' picks cuDNN's fused (flash) attention where jax can run it: a CUDA GPU of compute
   capability 8.0 or later (Ampere, Hopper, ...), bfloat16 or float16, and a head width that is a
   multiple of 8 up to 128 (256 from Hopper on), the limits jax checks before it calls cuDNN.
-  Everywhere else (CPU, TPU, float32, odd head widths) it picks XLA's softmax(QK^T)V. It does not
-  leave the choice to jax (implementation=None), which as of jax 0.10-0.12 always takes XLA.
-  'xla' and 'cudnn' are passed through. `device` defaults to the first device (a mesh here is
-  always of one platform).
+  On a CPU with `kv_tokens` >= DEFERRED_NORM_MIN_KEYS it picks 'deferred_norm'
+  (`deferred_norm_attention`, faster there). Everywhere else (TPU, float32 GPUs, odd head
+  widths, short CPU sequences) it picks XLA's softmax(QK^T)V. It does not leave the choice to
+  jax (implementation=None), which as of jax 0.10-0.12 always takes XLA. An explicit choice is
+  passed through. `device` defaults to the first device (a mesh here is always of one platform).
   """
   device = device or jax.devices()[0]
   if attention_impl == 'cudnn' and device.platform != 'gpu':
@@ -182,6 +187,8 @@ def attention_implementation(attention_impl, dtype, head_dim, device=None):
                     f'{device.platform}; use attention_impl=auto (cuDNN where it runs) or xla')
   if attention_impl != 'auto':
     return attention_impl
+  if device.platform == 'cpu':
+    return 'deferred_norm' if kv_tokens >= DEFERRED_NORM_MIN_KEYS else 'xla'
   capability = getattr(device, 'compute_capability', None)  # '9.0' on CUDA; absent elsewhere.
   try:
     major_minor = tuple(int(part) for part in str(capability).split('.')[:2])
@@ -257,7 +264,8 @@ class MultiHeadDotProductAttention(nn.Module):
                                                                           jnp.float16):
         raise UserError(f'attention_impl=cudnn needs dtype bfloat16 or float16, got '
                         f'{jnp.dtype(self.dtype).name}; use attention_impl=auto or xla')
-      implementation = attention_implementation(self.attention_impl, self.dtype, head_dim)
+      implementation = attention_implementation(self.attention_impl, self.dtype, head_dim,
+                                                kv_tokens=key.shape[1])
       encoded = fused_attention(query, key, value, kv_mask, implementation)
 
     return nn.DenseGeneral(
@@ -265,9 +273,32 @@ class MultiHeadDotProductAttention(nn.Module):
         kernel_init=nn.initializers.xavier_uniform())(encoded)
 
 
+def deferred_norm_attention(query, key, value, kv_mask=None):
+  """softmax(Q K^T / sqrt(head_dim)) V of (batch, tokens, heads, head_dim) arrays, dividing by
+  the softmax's row sums after the product with V rather than before (flash attention's order).
+
+  The same function as XLA's path up to rounding, with less work per (query, key) pair: the
+  division runs over (tokens, head_dim) outputs, not (tokens, tokens) weights; the scale goes on
+  the queries; and the backward pass needs no row sum over the weights' gradient. Logits, exp
+  and row sums in float32. `kv_mask`: bool (batch, kv_tokens) or None; False keys are not read.
+  """
+  scale = jnp.asarray(query.shape[-1] ** -0.5, query.dtype)
+  logits = jnp.einsum('bqhd,bkhd->bhqk', query * scale, key, preferred_element_type=jnp.float32)
+  if kv_mask is not None:
+    logits = jnp.where(kv_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+  # Softmax does not change with a shift per row, so the max that keeps exp in range needs no
+  # gradient.
+  weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+  row_sums = jnp.swapaxes(jnp.sum(weights, axis=-1), 1, 2)[..., None]  # (batch, q, heads, 1)
+  encoded = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(value.dtype), value,
+                       preferred_element_type=jnp.float32)
+  return (encoded / row_sums).astype(value.dtype)
+
+
 def fused_attention(query, key, value, kv_mask, implementation, pad_to_even=None):
   """`jax.nn.dot_product_attention` of (batch, tokens, heads, head_dim) arrays, with the padding
-  mask `kv_mask` (bool (batch, kv_tokens) or None) in the form `implementation` takes.
+  mask `kv_mask` (bool (batch, kv_tokens) or None) in the form `implementation` takes;
+  'deferred_norm' runs `deferred_norm_attention`.
 
   cuDNN's fused attention, as jax 0.10-0.12 differentiates it, refuses an odd number of query or
   key tokens (its backward is set up as if a bias were given, and a bias needs even lengths):
@@ -275,6 +306,8 @@ def fused_attention(query, key, value, kv_mask, implementation, pad_to_even=None
   an odd token axis gets one zero token, which no query reads (a key length per example) and
   whose output row is dropped: the result is the unpadded attention's.
   """
+  if implementation == 'deferred_norm':
+    return deferred_norm_attention(query, key, value, kv_mask)
   if pad_to_even is None:
     pad_to_even = implementation == 'cudnn'
   batch, q_tokens, kv_tokens = query.shape[0], query.shape[1], key.shape[1]
@@ -617,7 +650,7 @@ class VisionTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
   scan: bool = False
   remat_policy: str = 'none'  # none | full | dots | dots_no_batch
-  attention_impl: str = 'auto'  # auto | xla | cudnn
+  attention_impl: str = 'auto'  # auto | xla | cudnn | deferred_norm
   resnet_layers: Optional[Sequence[int]] = None  # Hybrid: units per ResNet stage, e.g. (3, 4, 9).
   resnet_width: int = 64
 
