@@ -205,7 +205,8 @@ class MultiHeadDotProductAttention(nn.Module):
   """Multi-head attention with the parameter layout of flax's MultiHeadDotProductAttention.
 
   query/key/value kernels are (D, heads, head_dim), the out kernel (heads, head_dim, D). The
-  fused `jax.nn.dot_product_attention` runs by default; the explicit softmax path runs when the
+  attention `attention_implementation` picks (cuDNN's or XLA's `jax.nn.dot_product_attention`,
+  or `deferred_norm_attention`) runs by default; the explicit softmax path runs when the
   weights are wanted (`mutable=['intermediates']`: sown as `attention_weights`, shape
   (batch, heads, q_tokens, k_tokens)) or attention dropout is active.
   """
