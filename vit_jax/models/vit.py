@@ -250,10 +250,7 @@ class MultiHeadDotProductAttention(nn.Module):
     drops_weights = not deterministic and self.attention_dropout_rate > 0
     if wants_weights or drops_weights:
       # Softmax in float32, as the fused kernels do.
-      logits = jnp.einsum('bqhd,bkhd->bhqk', query, key, preferred_element_type=jnp.float32)
-      if kv_mask is not None:
-        logits = jnp.where(kv_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-      weights = jax.nn.softmax(logits * head_dim**-0.5, axis=-1)
+      weights = jax.nn.softmax(attention_logits(query, key, kv_mask), axis=-1)
       weights = weights.astype(self.dtype)
       self.sow('intermediates', 'attention_weights', weights)
       weights = nn.Dropout(self.attention_dropout_rate, broadcast_dims=())(
@@ -274,19 +271,29 @@ class MultiHeadDotProductAttention(nn.Module):
         kernel_init=nn.initializers.xavier_uniform())(encoded)
 
 
+def attention_logits(query, key, kv_mask=None):
+  """Q K^T / sqrt(head_dim) in float32, (batch, heads, q_tokens, kv_tokens), of (batch, tokens,
+  heads, head_dim) arrays; keys where `kv_mask` (bool (batch, kv_tokens)) is False get float32's
+  lowest value, which the softmax turns into a zero weight. The scale goes on the queries, the
+  smaller operand."""
+  scale = jnp.asarray(query.shape[-1] ** -0.5, query.dtype)
+  logits = jnp.einsum('bqhd,bkhd->bhqk', query * scale, key, preferred_element_type=jnp.float32)
+  if kv_mask is not None:
+    logits = jnp.where(kv_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+  return logits
+
+
 def deferred_norm_attention(query, key, value, kv_mask=None):
   """softmax(Q K^T / sqrt(head_dim)) V of (batch, tokens, heads, head_dim) arrays, dividing by
   the softmax's row sums after the product with V rather than before (flash attention's order).
 
   The same function as XLA's path up to rounding, with less work per (query, key) pair: the
   division runs over (tokens, head_dim) outputs, not (tokens, tokens) weights; the scale goes on
-  the queries; and the backward pass needs no row sum over the weights' gradient. Logits, exp
-  and row sums in float32. `kv_mask`: bool (batch, kv_tokens) or None; False keys are not read.
+  the queries (`attention_logits`); and the backward pass needs no row sum over the weights'
+  gradient. Logits, exp and row sums in float32. `kv_mask`: bool (batch, kv_tokens) or None;
+  False keys are not read.
   """
-  scale = jnp.asarray(query.shape[-1] ** -0.5, query.dtype)
-  logits = jnp.einsum('bqhd,bkhd->bhqk', query * scale, key, preferred_element_type=jnp.float32)
-  if kv_mask is not None:
-    logits = jnp.where(kv_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+  logits = attention_logits(query, key, kv_mask)
   # Softmax does not change with a shift per row, so the max that keeps exp in range needs no
   # gradient.
   weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
