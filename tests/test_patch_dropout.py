@@ -86,6 +86,25 @@ def test_same_key_same_patches_other_key_other_patches():
                              plain.apply({'params': params}, images), atol=1e-6)
 
 
+def test_with_padding_the_rate_applies_to_each_examples_real_patches():
+  # NaFlex: 16 slots, of which 16, 10, 3 and 1 real patches; rate 0.5 keeps 8 slots.
+  num_real = np.array([16, 10, 3, 1])
+  patch_mask = jnp.asarray(np.arange(PATCHES)[None] < num_real[:, None])
+  tokens = jax.random.normal(jax.random.key(0), (4, 1 + PATCHES, 8))
+  seen = [set() for _ in num_real]
+  for seed in range(20):
+    _, _, keep = patch_dropout.drop_patches(jax.random.key(seed), tokens, None, 1, 0.5,
+                                            patch_mask)
+    kept_real = np.take_along_axis(np.asarray(patch_mask), np.asarray(keep), axis=1)
+    # round(0.5 * n) real patches kept, never none: 8, 5, 2 (round half to even), 1.
+    np.testing.assert_array_equal(kept_real.sum(axis=1), [8, 5, 2, 1])
+    for b, row in enumerate(np.asarray(keep)):
+      assert np.all(np.diff(row) > 0)  # Distinct, in their original order.
+      seen[b].add(tuple(row[kept_real[b]]))
+  # Which real patches are kept is drawn: 20 draws give several subsets where there is a choice.
+  assert [len(s) > 1 for s in seen] == [True, True, True, False]
+
+
 def test_kept_tokens_are_themselves_with_their_positions():
   tokens = jax.random.normal(jax.random.key(0), (3, 2 + PATCHES, 8))
   positions = rope.grid_positions((4, 4))

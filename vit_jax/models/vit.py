@@ -450,8 +450,9 @@ class Encoder(nn.Module):
       x = x + posemb.astype(x.dtype)
     if train and self.patch_dropout:
       x, positions, kept = patch_dropout.drop_patches(
-          self.make_rng('dropout'), x, positions, self.num_prefix_tokens, self.patch_dropout)
-      if patch_mask is not None:  # Padding is dropped at the same rate as the patches.
+          self.make_rng('dropout'), x, positions, self.num_prefix_tokens, self.patch_dropout,
+          patch_mask)
+      if patch_mask is not None:  # The rate applies to each example's real patches.
         patch_mask = jnp.take_along_axis(patch_mask, kept, axis=1)
     num_front = self.num_prefix_tokens
     if unembedded is not None:
