@@ -184,6 +184,31 @@ def test_a_key_that_would_do_nothing_is_a_one_line_error(change, message):
   assert '\n' not in str(error.value)
 
 
+@pytest.mark.parametrize('key, value, message', [
+    ('drop_path_rate', 1.5, r'drop_path_rate must be a number in \[0, 1\], got 1.5'),
+    ('drop_path_rate', -0.1, r'drop_path_rate must be a number in \[0, 1\], got -0.1'),
+    ('dropout_rate', -0.1, r': dropout_rate must be a number in \[0, 1\), got -0.1'),
+    ('attention_dropout_rate', 1.0,
+     r'attention_dropout_rate must be a number in \[0, 1\), got 1.0'),
+    ('layer_scale_init', -1e-5, r'layer_scale_init must be a number > 0 .*got -1e-05'),
+    ('layer_scale_init', 0.0, r'layer_scale_init must be a number > 0 .*or None .*got 0.0'),
+])
+def test_a_model_rate_out_of_range_is_a_one_line_error(key, value, message):
+  config = base('digits_adamw')
+  config.model[key] = value
+  with pytest.raises(UserError, match=message) as error:
+    config_lib.resolve(config)
+  assert '\n' not in str(error.value)
+
+
+def test_the_model_rates_at_their_limits_are_accepted():
+  config = base('digits_adamw')
+  config.model.update(drop_path_rate=1.0, dropout_rate=0.0, attention_dropout_rate=0.99,
+                      layer_scale_init=1e-6)
+  fields = config_lib.resolve(config).model_fields
+  assert fields.drop_path_rate == 1.0 and fields.layer_scale_init == 1e-6
+
+
 def test_derived_values_are_filled_once():
   resolved = config_lib.resolve(base('digits_adamw'))
   assert resolved.eval_batch_size == resolved.batch_size

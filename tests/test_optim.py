@@ -116,7 +116,9 @@ def schedule_values(name, steps=100, warmup=10, base_lr=1.0, **extra):
   return np.array([float(schedule(step)) for step in range(steps + 1)])
 
 
-def test_warmup_is_linear_from_zero_for_every_schedule():
+def test_warmup_is_linear_from_base_over_warmup_steps_for_every_schedule():
+  """Step 0 already takes base_lr / warmup_steps and step warmup_steps - 1 the full base_lr, as
+  `create_schedule`'s docstring says (it said "from 0")."""
   for name in config_lib.SCHEDULES:
     values = schedule_values(name)
     np.testing.assert_allclose(values[:10], np.arange(1, 11) / 10, rtol=1e-6)
@@ -137,3 +139,18 @@ def test_schedule_shapes_after_warmup():
 
 def test_no_warmup_starts_at_the_base_rate():
   assert schedule_values('cosine', warmup=0)[0] == pytest.approx(1.0)
+
+
+def test_the_trained_leaves_are_one_rule_for_the_optimizer_and_the_norm():
+  params = tiny_params()
+  assert optim.trained_labels(resolved().optimizer, params) is None
+  config = resolved(optimizer=dict(trainable='^head/', weight_decay=0.0, grad_clip_norm=0.0))
+  labels = optim.trained_labels(config.optimizer, params)
+  assert labels == optim.per_parameter(config.optimizer, params).labels
+  trained = optim.only_trained(params, labels)
+  assert float(optax.tree.norm(trained)) == pytest.approx(float(optax.tree.norm(params['head'])))
+  # The optimizer moves exactly the leaves the norm reads.
+  tx, _ = optim.create_optimizer(config, params)
+  (updates,) = updates_after(tx, params, steps=1)
+  moved = jax.tree.map(lambda u: bool(np.any(np.asarray(u) != 0)), updates)
+  assert moved == jax.tree.map(lambda label: label == optim.TRAINED, labels)

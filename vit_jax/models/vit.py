@@ -62,6 +62,18 @@ def _check_choice(what, value, valid):
     raise UserError(f'unknown {what} {value!r}; valid: {", ".join(map(str, valid))}')
 
 
+def _is_number(value):
+  return isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_rate(what, value, one_allowed=False):
+  """A rate in [0, 1): a dropout of 1 would keep nothing; [0, 1] with `one_allowed` (stochastic
+  depth at 1 skips the last block's branches, a residual still carries the tokens)."""
+  if not (_is_number(value) and 0 <= value and (value <= 1 if one_allowed else value < 1)):
+    raise UserError(f'{what} must be a number in [0, {"1]" if one_allowed else "1)"}, '
+                    f'got {value!r}')
+
+
 def posemb_prefix_tokens(model_kwargs):
   """How many tokens before the patch tokens carry a position embedding.
 
@@ -680,6 +692,13 @@ class VisionTransformer(nn.Module):
       raise UserError(f'num_heads {self.num_heads} does not divide the width {self.hidden_size}')
     if self.num_registers < 0:
       raise UserError(f'num_registers must be >= 0, got {self.num_registers}')
+    _check_rate('dropout_rate', self.dropout_rate)
+    _check_rate('attention_dropout_rate', self.attention_dropout_rate)
+    _check_rate('drop_path_rate', self.drop_path_rate, one_allowed=True)
+    scale = self.layer_scale_init
+    if scale is not None and not (_is_number(scale) and scale > 0):
+      raise UserError(f'layer_scale_init must be a number > 0 (e.g. 1e-5), or None for no layer '
+                      f'scale, got {scale!r}')
     if self.distilled:
       problems = []
       if self.classifier != 'token':

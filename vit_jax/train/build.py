@@ -102,7 +102,9 @@ def step_functions(config, model, tx, schedule, num_classes, mesh, state_shardin
         patch_size=patch_size, **distill_settings)
     return jax.jit(
         functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule,
-                          settings=settings, **teacher_args),
+                          settings=settings, **teacher_args,
+                          param_labels=optim.trained_labels(config.optimizer,
+                                                            state_shardings.params)),
         in_shardings=in_shardings,
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,))

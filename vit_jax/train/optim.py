@@ -50,9 +50,12 @@ TRAINED, FROZEN = 'trained', 'frozen'
 
 
 def create_schedule(schedule_config, total_steps):
-  """Linear warmup from 0 to `base_lr`, then the named decay down to `end_lr` at `total_steps`.
+  """Linear warmup to `base_lr`, then the named decay down to `end_lr` at `total_steps`.
 
-  `rsqrt` decays as base_lr * sqrt(warmup / step) after warmup (timescale = warmup, at least 1).
+  The warmup's first step (step 0) already takes base_lr / warmup_steps, step s takes
+  base_lr * (s + 1) / warmup_steps, and step warmup_steps - 1 the full base_lr: no step is
+  spent at a rate of 0. `rsqrt` decays as base_lr * sqrt(warmup / step) after warmup
+  (timescale = warmup, at least 1).
   """
   name = schedule_config.name
   base_lr = float(schedule_config.base_lr)
@@ -181,21 +184,33 @@ def per_parameter(optimizer_config, params):
       return float(optimizer_config.weight_decay) * _factor(leaf_name(path), wd_rules)
     decay_rates = jax.tree_util.tree_map_with_path(decay_rate, decay_mask(params))
 
-  labels = None
-  frozen, trainable = optimizer_config.frozen, optimizer_config.trainable
-  if frozen or trainable:
-    is_frozen = lambda name: bool((frozen and re.search(frozen, name))
-                                  or (trainable and not re.search(trainable, name)))
-    labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: FROZEN if is_frozen(leaf_name(path)) else TRAINED, params)
-    if TRAINED not in jax.tree_util.tree_leaves(labels):
-      raise UserError(f'optimizer.frozen={frozen!r} with optimizer.trainable={trainable!r} '
-                      'leaves no parameter to train')
+  labels = trained_labels(optimizer_config, params)
+  if labels is not None and TRAINED not in jax.tree_util.tree_leaves(labels):
+    raise UserError(f'optimizer.frozen={optimizer_config.frozen!r} with '
+                    f'optimizer.trainable={optimizer_config.trainable!r} leaves no parameter '
+                    'to train')
   return PerParameter(lr_factors, decay_rates, labels)
 
 
-def _only_trained(tree, labels):
-  """`tree` with its frozen leaves replaced by the `optax.MaskedNode`s the trained chain sees."""
+def trained_labels(optimizer_config, params):
+  """TRAINED or FROZEN for each leaf of `params` (any tree of their structure: arrays, shapes,
+  shardings), by `frozen` / `trainable`; None when both are unset (every leaf trained).
+
+  The one rule: the optimizer partitions by it, and the train step reads it to keep the frozen
+  leaves' gradients out of its norm (`only_trained`). Unchecked: `per_parameter` checks it.
+  """
+  frozen, trainable = optimizer_config.frozen, optimizer_config.trainable
+  if not (frozen or trainable):
+    return None
+  is_frozen = lambda name: bool((frozen and re.search(frozen, name))
+                                or (trainable and not re.search(trainable, name)))
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: FROZEN if is_frozen(leaf_name(path)) else TRAINED, params)
+
+
+def only_trained(tree, labels):
+  """`tree` with its frozen leaves replaced by the `optax.MaskedNode`s the trained chain sees
+  (empty subtrees: a reduction over the result reads the trained leaves alone)."""
   if tree is None or labels is None:
     return tree
   return jax.tree_util.tree_map(
@@ -256,7 +271,7 @@ def create_optimizer(config, params):
   optimizer_config = config.optimizer
   schedule = create_schedule(config.schedule, config.total_steps)
   settings = per_parameter(optimizer_config, params)
-  trained_only = functools.partial(_only_trained, labels=settings.labels)
+  trained_only = functools.partial(only_trained, labels=settings.labels)
   chain = []
   if optimizer_config.grad_clip_norm:
     chain.append(optax.clip_by_global_norm(optimizer_config.grad_clip_norm))
@@ -267,6 +282,8 @@ def create_optimizer(config, params):
     chain.append(optax.scale_by_trust_ratio())
   if settings.lr_factors is not None:
     chain.append(_scale_per_leaf(trained_only(settings.lr_factors)))
+  # The schedule is read at the count of updates this chain has applied (its state's `count`):
+  # a step the train step skips (non-finite) leaves the state, so the count, as it was.
   chain.append(optax.scale_by_learning_rate(schedule))
   tx = optax.chain(*chain)
   if settings.labels is not None:

@@ -16,16 +16,19 @@ import optax
 
 from vit_jax.data import device as device_data
 from vit_jax.train import distill
+from vit_jax.train import optim
 
 
 @flax.struct.dataclass
 class TrainState:
   """Everything that changes from step to step; what a checkpoint holds."""
-  step: jax.Array                 # int32 scalar: the number of updates taken so far
+  step: jax.Array                 # int32 scalar: the number of steps taken so far
   params: Any
-  opt_state: Any
-  ema_params: Any                 # same tree as params, or None when EMA is off
-  skipped_updates: jax.Array      # int32: updates skipped for a non-finite loss or gradient
+  opt_state: Any                  # its schedule's count: the updates applied, step - skipped
+  # The params' tree in float32 whatever their dtype (bfloat16 would round each small step
+  # towards them to nothing), or None when EMA is off. `weights_to_evaluate` casts it back.
+  ema_params: Any
+  skipped_updates: jax.Array      # int32: steps skipped for a non-finite loss or gradient
   first_nonfinite_step: jax.Array  # int32: -1 until a loss or gradient is non-finite
 
 
@@ -54,13 +57,25 @@ def _patch_size_kwargs(patch_size):
 
 def create_train_state(params, tx, ema_decay):
   """The state at step 0 for freshly initialised (or pretrained) `params`."""
+  # A copy even where the params are float32 already: the state is donated to the step, and
+  # one buffer may not be donated twice.
+  ema_of = lambda p: jnp.copy(jnp.asarray(p, jnp.float32))
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
       opt_state=tx.init(params),
-      ema_params=jax.tree_util.tree_map(jnp.copy, params) if ema_decay else None,
+      ema_params=jax.tree_util.tree_map(ema_of, params) if ema_decay else None,
       skipped_updates=jnp.zeros((), jnp.int32),
       first_nonfinite_step=jnp.full((), -1, jnp.int32))
+
+
+def weights_to_evaluate(state):
+  """The weights a run evaluates: its EMA (in the params' dtypes, as `checkpoint.restore` gives
+  it back) when it keeps one, else its params."""
+  if state.ema_params is None:
+    return state.params
+  return jax.tree_util.tree_map(lambda ema, p: ema.astype(p.dtype), state.ema_params,
+                                state.params)
 
 
 def cross_entropy(logits, targets):
@@ -70,7 +85,7 @@ def cross_entropy(logits, targets):
 
 
 def train_step(state, batch, teacher_params=None, *, model, tx, schedule, settings,
-               teacher_model=None):
+               teacher_model=None, param_labels=None):
   """One update on a global batch of uint8 images; returns `(new_state, metrics)`.
 
   The batch is resized and normalised on the device, mixed (mixup/cutmix, label smoothing),
@@ -78,7 +93,8 @@ def train_step(state, batch, teacher_params=None, *, model, tx, schedule, settin
   unless the loss or a gradient is non-finite (then the state keeps its params, counts the skip
   and remembers the first such step for the loop to report). With a teacher (`teacher_model`
   and its `teacher_params`), the loss adds its predictions on the same images
-  (`vit_jax.train.distill`).
+  (`vit_jax.train.distill`). `param_labels`: `optim.trained_labels` of the params (None: all
+  trained), the leaves `tx` updates; the others' gradients are never read.
   """
   step_key = jax.random.fold_in(jax.random.key(settings.seed, impl=settings.prng_impl),
                                 state.step)
@@ -137,7 +153,9 @@ def train_step(state, batch, teacher_params=None, *, model, tx, schedule, settin
   # NaN or Inf in any gradient makes it NaN or Inf (so does a norm above ~1.8e19, whose square
   # overflows float32: that update is skipped too). One reduction serves both, where a test per
   # leaf was a second pass over every gradient (2,500 more HLO lines for the quickstart).
-  grad_norm = optax.tree.norm(grads)
+  # The norm is over the trained leaves, the ones clipping sees: a frozen leaf's gradient is
+  # then read by nothing, and XLA drops the backward pass that only it needed.
+  grad_norm = optax.tree.norm(optim.only_trained(grads, param_labels))
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   def apply_update(_):
@@ -146,9 +164,10 @@ def train_step(state, batch, teacher_params=None, *, model, tx, schedule, settin
     new_ema = state.ema_params
     if settings.ema_decay:
       # Written as a step towards the params, so a param that does not move (a frozen one)
-      # keeps an EMA bit-identical to it.
+      # keeps an EMA bit-identical to it; in float32 (the EMA's dtype), as a bfloat16 EMA
+      # would not move at all.
       new_ema = jax.tree_util.tree_map(
-          lambda ema, p: ema + (1.0 - settings.ema_decay) * (p - ema),
+          lambda ema, p: ema + (1.0 - settings.ema_decay) * (p.astype(jnp.float32) - ema),
           state.ema_params, new_params)
     return new_params, new_opt_state, new_ema
 
@@ -170,7 +189,9 @@ def train_step(state, batch, teacher_params=None, *, model, tx, schedule, settin
           (state.first_nonfinite_step < 0) & ~finite, state.step, state.first_nonfinite_step))
   metrics = {
       'train_loss': loss,
-      'learning_rate': schedule(state.step),
+      # The rate this step's update was scaled by: the optimizer reads its schedule at the
+      # updates it has applied, which trail the steps by the skipped ones.
+      'learning_rate': schedule(state.step - state.skipped_updates),
       'grad_norm': grad_norm,
       'skipped_updates': new_state.skipped_updates,
       'first_nonfinite_step': new_state.first_nonfinite_step,
