@@ -337,3 +337,38 @@ def test_a_bucket_gets_metrics_whole_at_flushes_and_every_upload_interval(tmp_pa
   writer.write(3, {'train_loss': 1.0})
   assert [json.loads(l)['step'] for l in files.metrics_jsonl.read_text().splitlines()] == [1, 2, 3]
   writer.close()
+
+
+def test_an_unreadable_checkpoint_in_a_bucket_is_set_aside_and_saved_again(compile_cache):
+  """gs:// as a local disk (test_resilience): the rerun falls back past a damaged step 12,
+  renames its objects to `12.unreadable/` (every one kept, as it was) and saves step 12 anew,
+  which a later restore reads."""
+  from gcs_emulator import Emulator
+  workdir = 'gs://bkt/run'
+  with Emulator(['bkt']) as gcs:
+    env = dict(gcs.env, **compile_cache)
+    args = TINY_QUICKSTART + ['--workdir', workdir]
+    first = run_train(args, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    damaged = {}  # object name under checkpoints/12/ -> its damaged content
+    for name in gcs.names('run/checkpoints/12/'):
+      data = gcs.read(name)
+      if data and not name.endswith('commit_success.txt'):  # still a committed checkpoint
+        damaged[name] = data[:len(data) // 2]
+        gcs.write(name, damaged[name])
+    assert damaged
+
+    rerun = run_train(args, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    restored = run_python(['-c', textwrap.dedent('''
+        import sys
+        from vit_jax.train import checkpoint
+        print('step', int(checkpoint.restore_train_state(sys.argv[1]).step))
+        ''' ), workdir], env=env)
+    assert restored.returncode == 0, restored.stderr[-3000:]
+    assert restored.stdout.split() == ['step', str(TINY_STEPS)]
+    assert 'resuming from the checkpoint at step 8' in rerun.stdout
+    assert f'moved aside to {workdir}/checkpoints/12.unreadable' in rerun.stdout
+    for name, data in damaged.items():
+      assert gcs.read(name.replace('/12/', '/12.unreadable/')) == data
+    assert 'run/checkpoints/12/commit_success.txt' in gcs.names('run/checkpoints/12/')

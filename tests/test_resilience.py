@@ -156,3 +156,89 @@ def test_non_finite_loss_stops_naming_the_step_or_is_skipped(tmp_path):
   with open(os.path.join(skipped, 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f]
   assert max(r.get('skipped_updates', 0) for r in rows) >= 1
+
+
+def _tiny_config():
+  """The quickstart at one 16-wide layer for 6 steps, a checkpoint every 2 (kept: 2, 4, 6)."""
+  import configs.quickstart as quickstart
+  config = quickstart.get_config()
+  config.total_steps, config.checkpoint_every, config.eval_every, config.log_every = 6, 2, 0, 1
+  config.schedule.warmup_steps, config.batch_size, config.plot_every_eval = 1, 16, False
+  config.model.num_layers, config.model.hidden_size, config.model.mlp_dim = 1, 16, 32
+  return config
+
+
+def _train_here(workdir, **kwargs):
+  """`train_and_evaluate` of `_tiny_config()` in this process: (its result, what it logged)."""
+  from vit_jax.train import loop
+  lines = []
+  result = loop.train_and_evaluate(_tiny_config(), str(workdir), log=lines.append, **kwargs)
+  return result, '\n'.join(map(str, lines))
+
+
+def _train_steps(workdir):
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return [row['step'] for row in rows if 'train_loss' in row]
+
+
+def test_an_unreadable_last_checkpoint_is_set_aside_and_saved_again(tmp_path):
+  """The run falls back past a truncated step 6 and trains to 6 again: that step is saved anew
+  (it was never saved again, so every later restore fell back or failed), and the damaged one
+  is kept under another name that no restore reads."""
+  from vit_jax.train import checkpoint
+  workdir = tmp_path / 'run'
+  _train_here(workdir)
+  damaged = workdir / 'checkpoints' / '6'
+  sizes = {}
+  for path in damaged.rglob('*'):
+    if path.is_file() and path.stat().st_size:
+      sizes[path.relative_to(damaged)] = path.stat().st_size // 2
+      os.truncate(path, path.stat().st_size // 2)
+  assert sizes
+
+  rerun, log = _train_here(workdir)
+  assert rerun['step'] == 6
+  assert 'resuming from the checkpoint at step 4' in log, log
+  assert int(checkpoint.restore_train_state(str(workdir)).step) == 6  # no fallback needed now
+  restored = []
+  checkpoint.restore(str(workdir), log=restored.append)
+  assert 'of step 6 from' in restored[0]
+  warnings = [line for line in log.splitlines() if line.startswith('warning: checkpoint at')]
+  assert len(warnings) == 1 and f'moved aside to {workdir}/checkpoints/6.unreadable' in warnings[0]
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4', '6', '6.unreadable']
+  kept = workdir / 'checkpoints' / '6.unreadable'
+  assert {p: (kept / p).stat().st_size for p in sizes} == sizes  # moved as it was, not deleted
+
+
+def test_a_rerun_after_the_last_checkpoint_writes_the_final_metrics(tmp_path):
+  """Killed once its last checkpoint was committed, before final_metrics.json was written: the
+  rerun evaluates the restored state and writes the metrics the run would have (not `{}`)."""
+  workdir = tmp_path / 'run'
+  _train_here(workdir)
+  final_metrics_json = workdir / 'final_metrics.json'
+  finished = json.loads(final_metrics_json.read_text())
+  assert finished['step'] == 6 and 'test_accuracy' in finished
+  final_metrics_json.unlink()
+
+  rerun, log = _train_here(workdir)
+  assert json.loads(final_metrics_json.read_text()) == finished
+  assert rerun == finished
+  assert 'resuming from the checkpoint at step 6' in log, log
+  assert 'wrote no final metrics; evaluating its final state' in log
+  assert _train_steps(workdir) == list(range(1, 7))  # nothing trained again
+
+
+def test_stop_at_step_at_or_before_the_resumed_step_stops_at_once(tmp_path):
+  """The same command after it stopped at step 4 (or one stopping earlier) does nothing: it
+  used to train on to total_steps, as `step == stop_at_step` never came."""
+  workdir = tmp_path / 'run'
+  assert _train_here(workdir, stop_at_step=4)[0] == {'step': 4, 'stopped': True}
+  for stop_at_step in (4, 2):
+    again, log = _train_here(workdir, stop_at_step=stop_at_step)
+    assert again == {'step': 4, 'stopped': True}
+    assert f'--stop_at_step={stop_at_step}: the run in {workdir} is at step 4 already' in log
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
+  assert not (workdir / 'final_metrics.json').exists()
+  assert _train_steps(workdir) == [1, 2, 3, 4]
+  finished, _ = _train_here(workdir, stop_at_step=6)  # a later step trains on (6: to the end)
+  assert finished['step'] == 6 and 'test_accuracy' in finished

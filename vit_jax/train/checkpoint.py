@@ -37,7 +37,8 @@ class SaveFailed(EnvironmentFault):
 
 
 class Checkpointer:
-  """Async saves every so often, keep-N, and restore of the newest checkpoint that reads.
+  """Async saves every so often, keep-N, and restore of the newest checkpoint that reads
+  (setting aside, for a run, the newer ones that do not: `restore_latest`).
 
   A save that fails (a full disk, a read-only file system, a network error) raises SaveFailed
   naming the step, the cause and the newest complete checkpoint, which is untouched: Orbax
@@ -143,12 +144,17 @@ class Checkpointer:
         ema_params=rest.get('ema_params'), skipped_updates=rest['skipped_updates'],
         first_nonfinite_step=rest['first_nonfinite_step'])
 
-  def restore_latest(self, abstract_state, log=print):
+  def restore_latest(self, abstract_state, log=print, set_aside_unreadable=False):
     """Restores the newest checkpoint that reads into the structure of `abstract_state`.
 
     A checkpoint that fails to read (a truncated or corrupt file) is reported and skipped, and
     the one before it is tried; a storage that cannot be reached is an EnvironmentFault (not a
     reason to start over). Returns `(state, step)`, or `(None, None)` with no checkpoints.
+
+    `set_aside_unreadable` (for a run that goes on writing here): each checkpoint skipped is
+    renamed `<step>.unreadable` beside the others (`_set_aside`). Left in place, no later
+    restore would skip it (`restore` takes the newest step), and the run would never save its
+    step again: Orbax saves no step it already has.
     """
     for step in reversed(self.steps()):
       try:
@@ -158,9 +164,40 @@ class Checkpointer:
           raise EnvironmentFault(f'cannot read the checkpoint at step {step} in '
                                  f'{self.directory} ({storage.describe(e)})') from None
         message = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        moved = (f'; moved aside to {self._set_aside(step)} (delete it once it is not needed)'
+                 if set_aside_unreadable else '')
         log(f'warning: checkpoint at step {step} in {self.directory} could not be read '
-            f'({type(e).__name__}: {message}); trying the previous one')
+            f'({type(e).__name__}: {message}){moved}; trying the previous one')
     return None, None
+
+  def _set_aside(self, step):
+    """Renames the checkpoint at `step` to `<step>.unreadable` (`.2`, `.3`, ... if taken), a name
+    Orbax reads as no step; returns the new path (on the process that renamed it, else None).
+
+    Renamed, not deleted as a half-written save is: this one was committed, and what failed to
+    read it (a passing storage error, a changed config) may not be what is wrong with it.
+    epath renames a local folder and every object under a `gs://` prefix alike.
+    """
+    source = self.directory / str(step)  # Orbax's default step names: the step, unpadded.
+    target = None
+    if jax.process_index() == 0:
+      target = self.directory / f'{step}.unreadable'
+      copy = 1
+      while target.exists():
+        copy += 1
+        target = self.directory / f'{step}.unreadable.{copy}'
+      try:
+        source.rename(target)
+      except Exception as e:  # pylint: disable=broad-except
+        if not storage.is_fault(e):
+          raise
+        raise EnvironmentFault(f'cannot move the unreadable checkpoint at step {step} aside '
+                               f'to {target} ({storage.describe(e)})') from None
+    # Every process lists the steps again only once the rename is done (none with one process).
+    ocp.multihost.sync_global_processes(f'vit_jax_set_aside_checkpoint_{step}')
+    self._manager.reload()
+    self._complete.discard(step)
+    return target
 
   def abandon(self):
     """After a storage fault: nothing more is waited for (a save in flight on a storage that

@@ -54,6 +54,7 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
   teacher = distill.load_teacher(config, num_classes, log) if distill.enabled(config) else None
   run = build.parts(config, num_classes, teacher=teacher)
   feature_evals = feature_evals_lib.create(config, datasets, run, log)  # None: config.evals off
+  evaluate = _Evaluation(config, run, datasets, num_classes, feature_evals)
   state = _initial_state(config, run, files, num_classes, log)
   # A train step's arguments after (state, batch): the teacher's params, laid out as the
   # student's are, when distilling.
@@ -62,9 +63,27 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
       out_shardings=sharding.state_shardings(run.mesh, teacher.params))(teacher.params),)
   log(sharding.describe(state.params))
   start_step = int(jax.device_get(state.step))
-  if start_step >= config.total_steps and files.is_finished():
-    log(f'workdir {files}: the run finished at step {start_step} already; nothing to do')
-    return json.loads(files.final_metrics_json.read_text())
+  if start_step >= config.total_steps:
+    if files.is_finished():
+      log(f'workdir {files}: the run finished at step {start_step} already; nothing to do')
+      return json.loads(files.final_metrics_json.read_text())
+    # Stopped after its last checkpoint was committed, before final_metrics.json was written:
+    # the final eval is all that is left (its row is in metrics.jsonl, written before that
+    # checkpoint could be).
+    log(f'workdir {files}: the run trained to step {start_step} but wrote no final metrics; '
+        'evaluating its final state')
+    eval_metrics = evaluate(state)
+    log(_eval_line(start_step, eval_metrics))
+    final_metrics = dict(eval_metrics, step=start_step)
+    if is_main:
+      files.write_final_metrics(final_metrics)
+    return final_metrics
+  if stop_at_step is not None and start_step >= stop_at_step:
+    # The same command run again after it stopped there: nothing to do (not a reason to train
+    # on to total_steps).
+    log(f'--stop_at_step={stop_at_step}: the run in {files} is at step {start_step} already; '
+        'nothing to do (rerun without it, or with a later step, to train on)')
+    return {'step': start_step, 'stopped': True}
 
   # Compiled once, ahead of time, on the first batch (the loop can never trigger a recompile),
   # and before anything is written: a step that does not fit the device changes nothing.
@@ -91,7 +110,6 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
   check_finite = lambda fetched: _stop_if_diverged(fetched, config, checkpointer)
   final_metrics = {}
   try:
-    eval_steps = None  # Compiled at the first eval, when its batch shape is known.
     log(f'workdir {files}: training {config.model_name} for steps {start_step}..'
         f'{config.total_steps} on {jax.device_count()} {jax.devices()[0].platform} device(s) '
         f'(mesh {dict(run.mesh.shape)})')
@@ -117,23 +135,11 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
 
       if (config.eval_every and step % config.eval_every == 0) or is_last:
         check_finite({'first_nonfinite_step': state.first_nonfinite_step})
-        eval_params = state.ema_params if state.ema_params is not None else state.params
-        if eval_steps is None:
-          eval_batch = sharding.global_batch(next(iter(datasets.eval_batches())), run.mesh)
-          with out_of_memory.explained(config, 'the eval step'):
-            eval_steps = {patch_size: eval_fn.lower(eval_params, eval_batch).compile()
-                          for patch_size, eval_fn in run.eval_fns.items()}
-        eval_metrics = {}
-        for patch_size, eval_step in eval_steps.items():
-          eval_metrics.update(flexi.metric_names(
-              evaluate_lib.evaluate(eval_step, eval_params, datasets, run.mesh, num_classes),
-              patch_size, run.eval_patch_size))
-        if feature_evals is not None:  # k-NN and few-shot accuracies of the frozen features
-          eval_metrics.update(feature_evals(eval_params))
+        eval_metrics = evaluate(state)
         writer.write(step, eval_metrics)
         writer.flush()
         final_metrics = dict(eval_metrics, step=step)
-        log(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
+        log(_eval_line(step, eval_metrics))
         if is_main and config.plot_every_eval:
           curves.refresh(files)
 
@@ -176,6 +182,44 @@ def train_and_evaluate(config, workdir, *, stop_at_step=None, allow_config_chang
     checkpointer.close()
 
 
+class _Evaluation:
+  """The run's eval of a state: the weights it evaluates (`step.weights_to_evaluate`) at each
+  eval patch size, and the feature evals (k-NN, few-shot) where configured.
+
+  The eval steps are compiled at the first call, when an eval batch's shape is known.
+  """
+
+  def __init__(self, config, run, datasets, num_classes, feature_evals):
+    self._config = config
+    self._run = run
+    self._datasets = datasets
+    self._num_classes = num_classes
+    self._feature_evals = feature_evals  # None: config.evals off
+    self._eval_steps = None  # {patch size (None: not FlexiViT): compiled eval step}
+
+  def __call__(self, state):
+    """The eval metrics of `state`, by name."""
+    eval_params = step_lib.weights_to_evaluate(state)
+    run, datasets = self._run, self._datasets
+    if self._eval_steps is None:
+      eval_batch = sharding.global_batch(next(iter(datasets.eval_batches())), run.mesh)
+      with out_of_memory.explained(self._config, 'the eval step'):
+        self._eval_steps = {patch_size: eval_fn.lower(eval_params, eval_batch).compile()
+                            for patch_size, eval_fn in run.eval_fns.items()}
+    eval_metrics = {}
+    for patch_size, eval_step in self._eval_steps.items():
+      eval_metrics.update(flexi.metric_names(
+          evaluate_lib.evaluate(eval_step, eval_params, datasets, run.mesh, self._num_classes),
+          patch_size, run.eval_patch_size))
+    if self._feature_evals is not None:
+      eval_metrics.update(self._feature_evals(eval_params))
+    return eval_metrics
+
+
+def _eval_line(step, eval_metrics):
+  return f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items())
+
+
 def _close_quietly(*closers):
   for close in closers:
     try:
@@ -194,7 +238,8 @@ def _initial_state(config, run, files, num_classes, log):
   if files.has_checkpoints():
     checkpointer = checkpoint_lib.Checkpointer(files.checkpoints, keep=config.keep_checkpoints)
     try:
-      state, restored_step = checkpointer.restore_latest(run.abstract_state, log=log)
+      state, restored_step = checkpointer.restore_latest(run.abstract_state, log=log,
+                                                         set_aside_unreadable=True)
     finally:
       checkpointer.close()
     if state is not None:
