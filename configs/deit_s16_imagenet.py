@@ -7,8 +7,10 @@ Recipe (Touvron et al. 2021, "Training data-efficient image transformers & disti
 through attention", Table 9 and the hard-distillation rows): ViT-S/16 with DeiT's distillation
 token (`model.distilled`), batch 1024, AdamW lr 5e-4 x 1024/512 = 1e-3, weight decay 0.05, 5
 warmup epochs then cosine, label smoothing 0.1, stochastic depth 0.1, no dropout, inception
-crop and flip, RandAugment 2 layers at magnitude 9, mixup 0.8 and cutmix 1.0; hard distillation
-with the two losses weighted equally (alpha 0.5), evaluated on the mean of the two heads.
+crop and flip, RandAugment 2 layers at magnitude 9, mixup 0.8 and cutmix 1.0 (one of the two
+per batch, each with probability 1/2: timm's switch, which `vit_jax.data.device.mix` makes); hard
+distillation with the two losses weighted equally (alpha 0.5), evaluated on the mean of the two
+heads.
 Published: DeiT-S⚗ 81.2% top-1 on the validation split (the paper's model zoo,
 deit_small_distilled_patch16_224), with a RegNetY-16GF teacher of 82.9%.
 
@@ -19,7 +21,6 @@ What differs here, plainly:
   paper (Table 2) found a transformer teacher gives a smaller gain than a convnet of the same
   accuracy, so expect less than 81.2% with one.
 - No random erasing (p 0.25) and no repeated augmentation (3 repeats): neither is implemented.
-- Mixup and cutmix combine as `vit_jax.data.device.mix` does, not by timm's per-batch switch.
 Not reproduced here (that needs a TPU or GPU pod and ImageNet, a manual download into tfds'
 `downloads/manual`).
 """

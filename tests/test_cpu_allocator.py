@@ -3,10 +3,13 @@ also after TensorFlow has set its own mmap threshold (as it does in every train.
 reusing it faults in no fresh pages; the backend guess follows JAX_PLATFORMS."""
 
 import json
+import os
+import subprocess
 import sys
 
 import pytest
 
+from conftest import python_env
 from conftest import run_python
 from vit_jax import cpu_allocator
 
@@ -106,3 +109,31 @@ def test_the_restart_is_the_same_process_with_the_tunable_set():
   first, second = (json.loads(line) for line in result.stdout.splitlines())
   assert first[0] == second[0]  # One process, started again: a kill still reaches the run.
   assert not first[1] and second[1] == 'glibc.malloc.hugetlb=1'
+
+
+# A config whose loading reports the process that loads it, then fails: a run that stops at once.
+_PROBE_CONFIG = ('import json, os, sys\n'
+                 'def get_config():\n'
+                 '  print("probe", json.dumps([os.getpid(), os.environ.get("GLIBC_TUNABLES")]),\n'
+                 '        file=sys.stderr, flush=True)\n'
+                 '  raise ValueError("probe")\n')
+
+
+@needs_hugetlb_tunable
+@pytest.mark.parametrize('script', ['vit-train', 'vit-benchmark'])
+def test_the_console_scripts_restart_with_the_tunable_set(script, tmp_path):
+  # pip's generated script imports the entry point's module first, then calls it: the module
+  # restarts itself, and `sys.orig_argv` runs the same script again.
+  path = os.path.join(os.path.dirname(sys.executable), script)  # Where pip installs it.
+  if not os.path.isfile(path):
+    pytest.skip(f'{script} is not installed beside {sys.executable}')
+  config = tmp_path / 'probe.py'
+  config.write_text(_PROBE_CONFIG)
+  process = subprocess.Popen([path, '--config', str(config)], stderr=subprocess.PIPE, text=True,
+                             env=python_env({'GLIBC_TUNABLES': ''}))
+  _, stderr = process.communicate(timeout=600)
+  assert process.returncode == 2, stderr[-2000:]  # The config's error, as one line.
+  probe, = (line for line in stderr.splitlines() if line.startswith('probe '))
+  pid, tunables = json.loads(probe.partition(' ')[2])
+  assert pid == process.pid  # The script's own process, started again with the tunable.
+  assert tunables == 'glibc.malloc.hugetlb=1'

@@ -24,6 +24,7 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
 @dataclasses.dataclass(frozen=True)
 class Loaded:
+  """An image folder's two splits as Tables, its class names, and the unreadable files skipped."""
   train: table_lib.Table
   eval: table_lib.Table
   class_names: list

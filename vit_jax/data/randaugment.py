@@ -39,6 +39,7 @@ def _transform(image, transform):
 
 
 def identity(image, fraction, sign):
+  """The image unchanged."""
   del fraction, sign
   return image
 
@@ -81,11 +82,13 @@ def rotate(image, fraction, sign):
 
 
 def shear_x(image, fraction, sign):
+  """Shear horizontally: each row shifts by up to 0.3 x its y at magnitude 10."""
   shear = sign * fraction * 0.3
   return _transform(image, tf.stack([1.0, shear, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
 
 
 def shear_y(image, fraction, sign):
+  """Shear vertically: each column shifts by up to 0.3 x its x at magnitude 10."""
   shear = sign * fraction * 0.3
   return _transform(image, tf.stack([1.0, 0.0, 0.0, shear, 1.0, 0.0, 0.0, 0.0]))
 
@@ -97,6 +100,7 @@ def translate_x(image, fraction, sign):
 
 
 def translate_y(image, fraction, sign):
+  """Shift by up to 45% of the height at magnitude 10 (timm's translate_pct)."""
   shift = sign * fraction * 0.45 * tf.cast(tf.shape(image)[0], tf.float32)
   return _transform(image, tf.stack([1.0, 0.0, 0.0, 0.0, 1.0, shift, 0.0, 0.0]))
 
@@ -122,15 +126,18 @@ def _factor(fraction, sign):
 
 
 def color(image, fraction, sign):
+  """Saturation: blend with the grey image by a factor 1 +- 0.9 at magnitude 10 (PIL's Color)."""
   return _blend(tf.tile(_grey(image), [1, 1, 3]), image, _factor(fraction, sign))
 
 
 def contrast(image, fraction, sign):
+  """Blend with the mean grey level by a factor 1 +- 0.9 at magnitude 10 (PIL's Contrast)."""
   mean = tf.reduce_mean(_grey(image))
   return _blend(tf.fill(tf.shape(image), mean), image, _factor(fraction, sign))
 
 
 def brightness(image, fraction, sign):
+  """Blend with black by a factor 1 +- 0.9 at magnitude 10 (PIL's Brightness)."""
   return _blend(tf.zeros_like(image), image, _factor(fraction, sign))
 
 

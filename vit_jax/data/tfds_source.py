@@ -56,6 +56,7 @@ class Stream:
     return dataset.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)))
 
   def decode(self, payload):
+    """An encoded image of this split -> uint8 (H, W, 3)."""
     return augment.decode(payload)
 
   def train_examples(self, seed, start_step, local_batch, global_batch, process_index):
@@ -100,10 +101,13 @@ class Stream:
       return []
 
   def eval_examples(self, process_index, process_count):
+    """tf.data of (encoded image, label) over this process's shard, once, in file order."""
     del process_count  # fixed when the stream was built
     return self._shard(process_index)
 
   def num_eval_batches(self, local_batch, process_count, max_examples=None):
+    """Batches of `local_batch` that cover the largest process's shard (of its first
+    `max_examples` / process_count, when given): every process runs that many."""
     largest_shard = -(-self.num_examples // process_count)
     if max_examples is not None:  # Each process reads the first of its shard.
       largest_shard = min(largest_shard, -(-max_examples // process_count))
@@ -129,6 +133,7 @@ def _corrupt_shard(paths):
 
 @dataclasses.dataclass(frozen=True)
 class Loaded:
+  """A tfds data set's train and eval sources for this process, and its class names."""
   train: object  # Stream or table.Table
   eval: object
   class_names: list

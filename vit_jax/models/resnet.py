@@ -23,6 +23,7 @@ class StdConv(nn.Conv):
   """A conv whose kernel is standardised before use; the stored kernel stays raw."""
 
   def param(self, name, *args, **kwargs):
+    """nn.Conv's `param`, the kernel returned standardised (in float32); others as stored."""
     param = super().param(name, *args, **kwargs)
     if name == 'kernel':
       # In float32 even when the conv runs in bfloat16: the statistics need the precision.

@@ -29,16 +29,19 @@ Compile times are fresh compiles: the command switches jax's persistent compilat
 for its own process, whatever JAX_COMPILATION_CACHE_DIR says.
 """
 
+import os
+import sys
+
 from vit_jax import cpu_allocator
-if __name__ == '__main__':  # The command, not an import of the module (the tests import it).
-  cpu_allocator.restart_with_huge_pages()  # As train.py does, before anything is imported.
+# The command (`python -m`, or the `vit-benchmark` console script, whose first line imports this
+# module), not an import of the module (the tests import it): restarted as train.py restarts.
+if __name__ == '__main__' or os.path.basename(sys.argv[0]) == 'vit-benchmark':
+  cpu_allocator.restart_with_huge_pages()  # Before anything is imported.
 cpu_allocator.tune_at_start()  # As train.py does, before JAX allocates: steps run as there.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import json
-import os
 import statistics
-import sys
 import time
 
 from absl import flags
@@ -506,6 +509,7 @@ def format_table(results):
 
 
 def main(argv):
+  """Benchmarks the config `argv` names; prints the table, then the results as one JSON line."""
   config, options = parse_flags(argv)
   cli.apply_xla_flags(config)  # Before the backend starts: XLA reads XLA_FLAGS once.
   import jax

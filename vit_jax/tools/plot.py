@@ -13,6 +13,7 @@ from vit_jax.errors import UserError
 from vit_jax.train.curves import plot_workdirs
 
 def main(argv=None):
+  """Draws the curves of the workdirs in `argv` into one PNG; the exit status."""
   parser = argparse.ArgumentParser(
       prog='python -m vit_jax.tools.plot', description='Training curves from workdirs.')
   parser.add_argument('workdirs', nargs='+', metavar='WORKDIR')

@@ -172,6 +172,8 @@ def load_checkpoint(path, model_name=None, num_classes=None, image_size=None,
 
 
 def main(argv=None):
+  """Prints the top-5 classes of each image in `argv` (and draws the maps asked for); the exit
+  status."""
   parser = argparse.ArgumentParser(
       prog='python -m vit_jax.tools.predict',
       description='Top-5 classes for images, and attention maps, from a ViT.')

@@ -356,12 +356,14 @@ def _cell(value):
 
 
 def to_markdown(header, rows):
+  """A Markdown table of `rows` under `header`: floats to 4 significant digits, None empty."""
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   lines += ['| ' + ' | '.join(_cell(v).replace('|', '\\|') for v in row) + ' |' for row in rows]
   return '\n'.join(lines) + '\n'
 
 
 def to_csv(header, rows):
+  """CSV text of `header` then `rows`, values as they are and None empty."""
   buffer = io.StringIO()
   writer = csv.writer(buffer, lineterminator='\n')
   writer.writerow(header)
@@ -441,6 +443,8 @@ def _run_main(argv):
 
 
 def main(argv=None):
+  """Runs (or prints) a sweep file's points, or with `summarize DIR` tabulates them; the exit
+  status."""
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
     if argv and argv[0] == 'summarize':

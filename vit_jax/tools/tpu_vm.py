@@ -87,19 +87,25 @@ class TpuVm:
 
 
 def describe_command(vm):
+  """The gcloud command that prints the VM's state (READY, PREEMPTED, ...); it fails where there
+  is no VM."""
   return vm.gcloud('describe', '--format=value(state)')
 
 
 def create_command(vm, accelerator_type, version, spot=False):
+  """The gcloud command that creates the VM with that accelerator type and software version (a
+  Spot VM with `spot`)."""
   return vm.gcloud('create', f'--accelerator-type={accelerator_type}', f'--version={version}',
                    *(['--spot'] if spot else []))
 
 
 def start_command(vm):
+  """The gcloud command that starts the VM (a stopped one)."""
   return vm.gcloud('start')
 
 
 def delete_command(vm):
+  """The gcloud command that deletes the VM, without asking."""
   return vm.gcloud('delete', '--quiet')
 
 
@@ -343,6 +349,8 @@ def _remote_failure(purpose, returncode):
 
 
 def main(argv=None):
+  """Creates or reuses the TPU VM, installs the code and starts the run (or sweep) on every
+  worker, recreating a lost VM; with --dry_run prints the commands instead. The exit status."""
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
     args, overrides = _parse(argv)

@@ -56,6 +56,7 @@ class Features(NamedTuple):
 
 
 def enabled(config):
+  """Whether the config asks for a k-NN (`evals.knn_k`) or few-shot (`evals.fewshot_shots`) eval."""
   return bool(config.evals.knn_k or config.evals.fewshot_shots)
 
 

@@ -171,10 +171,12 @@ class Progress:
     self.stream = stream or sys.stdout
 
   def compiled(self, seconds):
+    """Prints how long the first step took to compile and run."""
     if self.enabled:
       print(f'first step compiled and ran in {seconds:.1f}s', file=self.stream, flush=True)
 
   def update(self, step, loss, img_per_sec, steps_per_sec):
+    """Prints the progress line of `step`; img/s and the ETA once a rate is known."""
     if not self.enabled:
       return
     width = 20
@@ -205,6 +207,7 @@ class TrainLog:
     self._clock = (time.perf_counter(), step)
 
   def hold(self, step, metrics):
+    """Keeps `step`'s metrics, still on the device, for the next `flush`."""
     self._held = (step, metrics)
 
   def flush(self):

@@ -16,6 +16,7 @@ _ALLOCATION = re.compile(r'allocate\s+([\d.]+\s*[KMGT]?i?B|\d+\s*bytes)', re.IGN
 
 
 def is_out_of_memory(error):
+  """Whether `error` is XLA's report of a step that does not fit the device's memory."""
   return 'RESOURCE_EXHAUSTED' in str(error) or 'Out of memory' in str(error)
 
 

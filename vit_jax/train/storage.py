@@ -35,6 +35,7 @@ PROBE_DEADLINE_S = 15  # A storage endpoint that has not answered by then is rep
 
 
 def is_local(path):
+  """Whether `path` is on a local file system (no `scheme://`, as `gs://` has)."""
   return '://' not in os.fspath(path)
 
 
@@ -135,6 +136,7 @@ def is_unreachable(error):
 
 
 def is_disk_full(error):
+  """Whether `error` says the disk is full or the quota is spent (ENOSPC, EDQUOT)."""
   return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -274,6 +276,7 @@ class GrowingFile:
       self._dirty = not path.exists() or len(kept) != path.stat().length
 
   def append(self, data):
+    """Adds `data` (bytes): written at once locally, held until `flush()` in a bucket."""
     if self._file is not None:
       self._file.write(data)
       self._file.flush()

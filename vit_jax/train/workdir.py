@@ -180,12 +180,15 @@ class RunFiles:
     return EnvironmentFault(f'cannot write {path}{at_step} ({storage.describe(error)})')
 
   def write_config(self, resolved):
+    """Writes config.json: the resolved config with its schema version and provenance."""
     self.write_json(self.config_json, config_lib.workdir_record(resolved))
 
   def write_class_names(self, class_names):
+    """Writes class_names.json: the names in label order."""
     self.write_json(self.class_names_json, list(class_names))
 
   def write_final_metrics(self, metrics):
+    """Writes final_metrics.json, when the run is done."""
     self.write_json(self.final_metrics_json, metrics)
 
   def read_config(self):

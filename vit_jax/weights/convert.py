@@ -240,6 +240,7 @@ def model_family(flat):
 
 
 def is_scanned(flat):
+  """Whether flat params hold the scanned encoder (one stacked `Transformer/encoderblock/`)."""
   return any(key.startswith('Transformer/encoderblock/') for key in flat)
 
 
@@ -616,6 +617,7 @@ def parse_timm_args(text):
 
 
 def main(argv=None):
+  """Converts the weights SRC into DST as `argv` asks; the exit status."""
   parser = argparse.ArgumentParser(
       prog='python -m vit_jax.tools.convert',
       description='Convert ViT weights between vit_jax/big_vision .npz, timm state dicts, '

@@ -13,8 +13,9 @@ eps 1e-6, token pooling, ...). The class count and image size, when not stated, 
 head and position-embedding shapes. Without any description that gives the head count, reading
 stops and asks for one. Everything stored must then be what timm would build from that
 description: any missing, unexpected or mis-shaped key is an error naming the keys, and so is
-any layer vit_jax has no equivalent of (SwiGLU, RoPE, a conv stem, ...). The description also
-may carry `layer_norm_eps`, which timm can only take as a `norm_layer` object.
+any layer vit_jax has no equivalent of (SwiGLU, a conv stem, ...) or does not convert yet (timm's
+RoPE, though `vit_jax/models/rope.py` has its own). The description also may carry
+`layer_norm_eps`, which timm can only take as a `norm_layer` object.
 
 The two layouts (timm's torch Linear weights are (out, in)):
   timm                              vit_jax
@@ -98,10 +99,10 @@ _NAMES = (  # (pattern, match -> kwargs)
 )
 _NEEDS_DESCRIPTION = ('a timm state dict does not store its number of attention heads, GELU form '
                       'or pooling')
-# Keys of layers vit_jax has no equivalent of, named in the refusal.
+# Keys of layers vit_jax has no equivalent of or does not convert yet, named in the refusal.
 _UNSUPPORTED = (
     (re.compile(r'\.mlp\.fc1_[gx]\.|\.mlp\.w12\.'), 'a SwiGLU MLP'),
-    (re.compile(r'rope|freqs'), 'rotary position embeddings (RoPE)'),
+    (re.compile(r'rope|freqs'), 'rotary position embeddings (RoPE: not converted yet)'),
     (re.compile(r'^patch_embed\.backbone\.|^stem\.'), 'a convolutional stem'),
     (re.compile(r'^patch_embed\.norm\.'), 'a patch-embedding norm'),
     (re.compile(r'\.attn\.norm\.|\.mlp\.norm\.'), 'scale norms inside the blocks'),
@@ -506,7 +507,7 @@ def _mismatch(state, entries, source, args):
                      if pattern.search(key)})
   parts = []
   if features:
-    parts.append('it has ' + ', '.join(features) + ', which vit_jax cannot hold')
+    parts.append('it has ' + ', '.join(features) + ', which vit_jax cannot read')
   if missing:
     parts.append('missing ' + _summarise(missing))
   if unexpected:
