@@ -17,6 +17,13 @@ the trainer's own step and donation, a synthetic uint8 batch at the host size re
 device) with the same optimizer (sgd, momentum 0.9, clip 1, no weight decay), the two timed in
 turns in this process. The last line printed is one JSON object: medians in ms, and
 `jax_over_torch` (ours / PyTorch's step time; < 1 means ours is faster).
+
+In one process, ours runs without train.py's huge pages (`cpu_allocator.restart_with_huge_pages`):
+XLA maps the step's temporaries afresh at every call (850 MB for Ti/16 at 224 px: 233,000 page
+faults a step), and with huge pages on, PyTorch's memory churn beside it slowed ours instead.
+For a model that large, compare processes: this command without `--jax` against
+`python -m vit_jax.tools.benchmark` with the same model and optimizer (BENCHMARKS.md, "Page
+faults of a large step").
 """
 
 import argparse
