@@ -299,3 +299,16 @@ def test_a_workdir_of_the_previous_code_resumes_and_ends_as_a_fresh_run(tmp_path
   np.testing.assert_allclose(losses(old), losses(fresh), rtol=1e-5)
   assert len(losses(old)) == 2  # Steps 6 and 8.
   assert json.loads((old / 'config.json').read_text())['schema_version'] == 2
+
+
+@pytest.mark.parametrize('size', ['Ti', 'S', 'B', 'L', 'H', 'g'])
+@pytest.mark.parametrize('patch', [8, 14, 16, 32])
+def test_every_variant_of_the_vit_config_resolves_with_weights_only_where_published(size, patch):
+  import configs.vit as vit_config
+  config = vit_config.get_config(f'{size}/{patch},cifar10')
+  resolved = config_lib.resolve(config, device_count=1)
+  assert resolved.image_size % patch == 0 and resolved.image_size >= 384
+  published = f'{size}/{patch}' in {'B/8', 'B/16', 'B/32', 'L/16', 'L/32', 'H/14'}
+  assert bool(resolved.pretrained.url) == published
+  if published:
+    assert resolved.pretrained.url.endswith(f'/imagenet21k/ViT-{size}_{patch}.npz')
