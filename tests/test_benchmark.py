@@ -53,6 +53,8 @@ def test_benchmark_cli_prints_every_figure_as_json_last(tmp_path):
               'textbook_step_ms', 'textbook_compile_s'):
     assert figures[key] > 0, key
   assert figures['train_img_per_sec'] == pytest.approx(16 / figures['train_step_ms'] * 1e3)
+  # What the train step pays the kernel (Linux keeps both counters): numbers, not None.
+  assert figures['train_page_faults_per_step'] >= 0 and figures['train_kernel_ms_per_step'] >= 0
   assert len(figures['step_overhead_repeats']) == 2  # One ratio per repeat, in turns.
   assert figures['step_overhead'] == pytest.approx(statistics.median(
       figures['step_overhead_repeats']))
@@ -313,3 +315,14 @@ def test_max_batch_finds_the_largest_batch_whose_train_step_plan_fits():
   assert figures['max_batch_search'][1][1] == plan_16
   assert figures['train_img_per_sec'] == pytest.approx(16 / figures['train_step_ms'] * 1e3)
   assert config.batch_size == 8  # The caller's config is left as it was.
+
+
+def test_host_cost_counts_the_pages_a_call_is_handed_afresh():
+  # 64 MiB of ones per call: above glibc's mmap threshold, so mapped and faulted in anew each
+  # time (at least 32 faults with 2 MiB pages, 16,384 with 4 KiB ones); a call that allocates
+  # nothing faults in (next to) nothing.
+  fresh_faults, fresh_kernel_ms = benchmark.host_cost_per_call(
+      lambda: float(np.ones(8 << 20)[::512].sum()), 3)
+  idle_faults, _ = benchmark.host_cost_per_call(lambda: 0.0, 3)
+  assert fresh_faults >= 30 and fresh_kernel_ms >= 0
+  assert idle_faults < fresh_faults / 4

@@ -119,6 +119,27 @@ def time_calls(call, steps, repeats):
   return statistics.median(time_interleaved([call], steps, repeats)[0])
 
 
+def host_cost_per_call(call, steps):
+  """(minor page faults, kernel ms) per call of `call()` over `steps` calls, from the process's
+  own counters (None, None where the OS keeps none): on a CPU, what a step pays the kernel for
+  memory handed to it afresh. XLA maps a large step's temporaries anew at every call; the
+  Ti/16 step at 224 px took 233,000 faults without train.py's huge pages, 835 with them
+  (BENCHMARKS.md, "Page faults of a large step")."""
+  try:
+    import resource  # pylint: disable=g-import-not-at-top
+  except ImportError:  # Not on Windows.
+    return None, None
+  import jax
+  before = resource.getrusage(resource.RUSAGE_SELF)
+  out = None
+  for _ in range(steps):
+    out = call()
+  jax.block_until_ready(out)
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  return ((after.ru_minflt - before.ru_minflt) / steps,
+          1e3 * (after.ru_stime - before.ru_stime) / steps)
+
+
 def turn_order(count, repeat):
   """The indices 0..count-1 in the order of turn `repeat`: rotated by one place each repeat
   (for two: 0 1, 1 0, 0 1, ...), so no call always runs first, right after another's block."""
@@ -299,6 +320,7 @@ def benchmark_steps(config, num_classes, steps, repeats, warmup, baseline=False,
   else:
     train_s = time_calls(train_call, steps, repeats)
   eval_s = time_calls(eval_call, steps, repeats)
+  train_page_faults, train_kernel_ms = host_cost_per_call(train_call, steps)
 
   # MFU counts the model's FLOPs (scan and accumulation loops unrolled, no remat recompute);
   # XLA's count of the compiled program is reported beside it (one device's share).
@@ -311,6 +333,8 @@ def benchmark_steps(config, num_classes, steps, repeats, warmup, baseline=False,
       'train_step_ms': 1e3 * train_s,
       'eval_step_ms': 1e3 * eval_s,
       'train_img_per_sec': config.batch_size / train_s,
+      'train_page_faults_per_step': train_page_faults,
+      'train_kernel_ms_per_step': train_kernel_ms,
       'eval_img_per_sec': eval_batch_size / eval_s,
       'train_flops_per_step': train_flops,
       'eval_flops_per_step': eval_flops,
@@ -375,6 +399,7 @@ TEXTBOOK_KEYS = ('textbook_step_ms', 'step_overhead', 'step_overhead_repeats',
                  'compile_overhead_repeats')
 STEP_KEYS = (
     'train_compile_s', 'eval_compile_s', 'train_step_ms', 'eval_step_ms', 'train_img_per_sec',
+    'train_page_faults_per_step', 'train_kernel_ms_per_step',
     'eval_img_per_sec', 'train_flops_per_step', 'eval_flops_per_step',
     'compiled_train_flops_per_device', 'compiled_eval_flops_per_device', 'train_mfu', 'eval_mfu',
     'peak_flops_per_device', 'peak_memory_bytes', 'peak_memory_source') + TEXTBOOK_KEYS
