@@ -7,8 +7,7 @@ import sys
 
 from vit_jax import cpu_allocator
 
-if __name__ == '__main__':
-  cpu_allocator.restart_with_huge_pages()  # Before anything is imported (see there).
+cpu_allocator.start(__name__)  # Before anything else is imported (see there).
 
 from vit_jax.train import main  # pylint: disable=g-import-not-at-top,wrong-import-position
 

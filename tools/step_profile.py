@@ -30,9 +30,7 @@ if REPO_ROOT not in sys.path:
 # The step as train.py runs it: with its huge pages, else every op that writes to the step's
 # temporaries also pays their page faults (BENCHMARKS.md, "Page faults of a large step").
 from vit_jax import cpu_allocator  # pylint: disable=g-import-not-at-top,wrong-import-position
-if __name__ == '__main__':
-  cpu_allocator.restart_with_huge_pages()
-cpu_allocator.tune_at_start()
+cpu_allocator.start(__name__)
 
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position

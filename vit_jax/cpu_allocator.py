@@ -1,5 +1,5 @@
-"""glibc's malloc set up for XLA's CPU runtime: `tune_at_start()`, called first thing by
-train.py and the benchmark (and `restart_with_huge_pages()`, before it, by their commands).
+"""glibc's malloc set up for XLA's CPU runtime: `start()`, called first thing by train.py, the
+benchmark and the tools: `restart_with_huge_pages()` when run as a command, then `tune_at_start()`.
 
 Why: XLA's CPU kernels (its YNNPACK fusions) malloc and free scratch buffers of 128 KiB to a few
 MiB on every call, from XLA's worker threads. With glibc's defaults a worker thread's heap is
@@ -93,6 +93,18 @@ def reapply_after_tensorflow():
   right after it has made TensorFlow apply its own M_MMAP_THRESHOLD."""
   if _tuned:
     _apply()
+
+
+def start(module_name, console_script=None):
+  """First thing in a module that can run as a command (train.py, `vit_jax.train.main`, the
+  benchmark, the tools): `restart_with_huge_pages()` where it runs as one (`module_name` is
+  '__main__', or the command is its `console_script`, pip's generated script, whose first line
+  imports the module), then `tune_at_start()`. A plain import (the tests, a notebook) only
+  tunes: it must not restart someone else's process."""
+  if module_name == '__main__' or (
+      console_script and os.path.basename(sys.argv[0]) == console_script):
+    restart_with_huge_pages()
+  return tune_at_start()
 
 
 # glibc >= 2.35: malloc asks for transparent huge pages (madvise) on the memory it maps.

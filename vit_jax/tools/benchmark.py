@@ -29,19 +29,15 @@ Compile times are fresh compiles: the command switches jax's persistent compilat
 for its own process, whatever JAX_COMPILATION_CACHE_DIR says.
 """
 
-import os
-import sys
-
 from vit_jax import cpu_allocator
-# The command (`python -m`, or the `vit-benchmark` console script, whose first line imports this
-# module), not an import of the module (the tests import it): restarted as train.py restarts.
-if __name__ == '__main__' or os.path.basename(sys.argv[0]) == 'vit-benchmark':
-  cpu_allocator.restart_with_huge_pages()  # Before anything is imported.
-cpu_allocator.tune_at_start()  # As train.py does, before JAX allocates: steps run as there.
+# As train.py starts, before anything else is imported: the steps run as they run there.
+cpu_allocator.start(__name__, 'vit-benchmark')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import json
+import os
 import statistics
+import sys
 import time
 
 from absl import flags

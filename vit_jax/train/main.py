@@ -13,19 +13,14 @@ with `error:` and exits with status 2, leaving the workdir as it was; a diverged
 fault of the machine or network (disk, storage) 4 (`vit_jax.errors`).
 """
 
-import os
-import sys
-
 from vit_jax import cpu_allocator
-# As a command (`python -m vit_jax.train.main`, or the `vit-train` console script, whose first
-# line imports this module): restarted as train.py restarts itself, before anything is imported.
-if __name__ == '__main__' or os.path.basename(sys.argv[0]) == 'vit-train':
-  cpu_allocator.restart_with_huge_pages()
-cpu_allocator.tune_at_start()  # Before JAX and TensorFlow allocate anything (see there).
+cpu_allocator.start(__name__, 'vit-train')  # Before anything else is imported (see there).
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import importlib.util
+import os
 import re
+import sys
 
 from absl import flags
 from ml_collections import config_flags
