@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md in one call of a lent GPU machine (see "GPU" there):
 #   bash tools/gpu_figures.sh OUT_DIR [SECONDS]
-# versions, the GPU correctness tests (tests/test_gpu.py), the benchmark with --baseline for the
-# sweep's ViT-B/16 bf16 baseline, sweep variants of it (SWEEP_ONLY, comma-separated names), then
-# issue 18's three CPU models in bf16, while SECONDS (default 480) last. Each JSON line goes to
+# versions, issue 18's ViT-Ti/16 and ViT-S/4 in bf16 (the rows a GPU has not yet given), the GPU
+# correctness tests (tests/test_gpu.py), the benchmark with --baseline for the sweep's ViT-B/16 bf16
+# baseline, the quickstart in bf16, then sweep variants of the B/16 (SWEEP_ONLY, comma-separated
+# names) while SECONDS (default 480) last. Each JSON line goes to
 # OUT_DIR/bench.jsonl (sweep rows to OUT_DIR/sweep.jsonl), each log beside it. The machine's
 # image has jax, flax, optax and orbax but no ml_collections: carry it as a wheel in .whl
 # (BENCHMARKS.md says how).
@@ -23,10 +24,6 @@ left() { echo $((seconds - SECONDS)); }
 jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 } 2>&1 | tee "$out/versions.txt"
 
-JAX_PLATFORMS=cuda timeout 130 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
-    > "$out/test_gpu.log" 2>&1
-echo "test_gpu: exit $? ($(tail -1 "$out/test_gpu.log"))"
-
 bench() {  # name, args...: one benchmark process, its JSON line appended to bench.jsonl
   local name=$1; shift
   if (( $(left) < 40 )); then echo "$name: not run (time)"; return; fi
@@ -37,21 +34,29 @@ bench() {  # name, args...: one benchmark process, its JSON line appended to ben
   echo "$name: exit $status"
 }
 bf16=--config.model.dtype=bfloat16
-bench b16_224_b256 --config configs/vit_b16_cifar10.py --config.image_size=224 \
-    --config.data.host_image_size=224 $bf16 --config.batch_size=256 --num_classes 1000
-# The sweep's variants of that model (SWEEP_ONLY= skips them), then the small models.
-if (( $(left) > 90 )) && [[ ${SWEEP_ONLY-x} ]]; then
-  python3 -m vit_jax.tools.benchmark_sweep --out "$out/sweep.jsonl" --budget $(( $(left) - 80 )) \
-      --timeout 120 --only ${SWEEP_ONLY:-attention=xla,dtype=float32,remat=dots,batch=512,scan} \
-      > "$out/sweep.log" 2>&1
-  echo "sweep: exit $?"
-fi
-
 bench ti16_224_b16 --config configs/vit.py:Ti/16,cifar10 --config.image_size=224 $bf16 \
     --config.batch_size=16 --config.pretrained.path= --num_classes 10 --repeats 5
 bench s4_32_b32 --config configs/vit.py:S/4,cifar10 --config.image_size=32 $bf16 \
     --config.batch_size=32 --config.pretrained.path= --num_classes 10 --repeats 5
+
+JAX_PLATFORMS=cuda timeout 130 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    > "$out/test_gpu.log" 2>&1
+echo "test_gpu: exit $? ($(tail -1 "$out/test_gpu.log"))"
+
+bench b16_224_b256 --config configs/vit_b16_cifar10.py --config.image_size=224 \
+    --config.data.host_image_size=224 $bf16 --config.batch_size=256 --num_classes 1000
 bench quickstart --config configs/quickstart.py $bf16 --num_classes 10 --repeats 5
+
+# The sweep's variants of the B/16 with what is left (SWEEP_ONLY= skips them).
+if (( $(left) > 150 )) && [[ ${SWEEP_ONLY-x} ]]; then
+  python3 -m vit_jax.tools.benchmark_sweep --out "$out/sweep.jsonl" --budget $(( $(left) - 110 )) \
+      --timeout 100 --only ${SWEEP_ONLY:-remat=dots,batch=512,attention=deferred_norm,remat=full,batch=1024,xla:latency_hiding,scan} \
+      > "$out/sweep.log" 2>&1
+  echo "sweep: exit $?"
+  python3 -m vit_jax.tools.benchmark_sweep --table "$out/sweep.jsonl"
+fi
+# A lent machine returns at most 8 files: the logs travel as one archive.
+(cd "$out" && tar czf logs.tar.gz -- *.log && rm -f -- *.log)
 
 python3 - "$out" <<'EOF'
 import json, os, sys
