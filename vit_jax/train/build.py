@@ -93,13 +93,15 @@ def step_functions(config, model, tx, schedule, num_classes, mesh, state_shardin
     teacher_args = dict(teacher_model=teacher.model)
     in_shardings += (sharding.state_shardings(mesh, teacher.params),)
 
+  platform = mesh.devices.flat[0].platform
+
   def train_fn(patch_size):
     settings = step_lib.StepSettings(
         image_size=config.image_size, num_classes=num_classes, seed=config.seed,
         accum_steps=config.accum_steps, mixup_alpha=config.aug.mixup_alpha,
         cutmix_alpha=config.aug.cutmix_alpha, label_smoothing=config.aug.label_smoothing,
         ema_decay=config.optimizer.ema_decay, prng_impl=config.prng_impl,
-        patch_size=patch_size, **distill_settings)
+        patch_size=patch_size, guard=step_lib.guard_for(platform), **distill_settings)
     return jax.jit(
         functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule,
                           settings=settings, **teacher_args,

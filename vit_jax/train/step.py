@@ -48,6 +48,23 @@ class StepSettings:
   distill_kind: Optional[str] = None  # hard | soft with a teacher (vit_jax/train/distill.py)
   distill_alpha: float = 0.0
   distill_temperature: float = 1.0
+  # How a step with a non-finite loss or gradient keeps the old state: 'cond' | 'select'
+  # (`guard_for` gives the one measured faster on the mesh's devices).
+  guard: str = 'cond'
+
+
+def guard_for(platform):
+  """The non-finite guard for devices of `platform` ('cpu', 'gpu', 'tpu'): 'cond' on the CPU,
+  'select' elsewhere.
+
+  Measured on the CPU (quickstart step, jax 0.10.2): the select per leaf compiles to 18,722
+  optimized HLO lines and 3.4 s against the cond's 15,756 and 3.1 s, and the compile budget is
+  tight there. On an H200 (ViT-Ti/16 bf16, batch 16, jax 0.11.2) the cond cost 0.5 ms a step,
+  a host round trip for its predicate and a copy per leaf: 1.07–1.09x the textbook step, where
+  the select, fused into the update's own kernels, is 1.01x, and compiles no slower. The TPU
+  takes the GPU's choice unmeasured: its selects fuse the same way.
+  """
+  return 'cond' if platform == 'cpu' else 'select'
 
 
 def _patch_size_kwargs(patch_size):
@@ -147,8 +164,8 @@ def train_step(state, batch, teacher_params=None, *, model, tx, schedule, settin
 
   # The non-finite guard: one decision per step. The new state is kept only when the loss and
   # every gradient are finite; otherwise params, optimizer state and EMA pass through untouched.
-  # (A select per leaf, jnp.where(finite, new, old), did the same at the cost of a select over
-  # every array: it tripled the compiled program.)
+  # (With an all-finite test per gradient, a select per leaf tripled the compiled program; the
+  # select that `guard_for` picks off the CPU reads this one decision.)
   # The decision reads the gradients' global norm, which the grad_norm metric reports anyway:
   # NaN or Inf in any gradient makes it NaN or Inf (so does a norm above ~1.8e19, whose square
   # overflows float32: that update is skipped too). One reduction serves both, where a test per
@@ -178,7 +195,14 @@ def train_step(state, batch, teacher_params=None, *, model, tx, schedule, settin
   # it fused with nothing and its gradient clipping took its own pass over the gradients (the
   # quickstart step: 17,599 optimized HLO lines that way, 15,744 this way, the textbook 14,797).
   updated = apply_update(None)
-  new_params, new_opt_state, new_ema = jax.lax.cond(finite, lambda _: updated, skip_update, None)
+  if settings.guard == 'cond':
+    new_params, new_opt_state, new_ema = jax.lax.cond(finite, lambda _: updated, skip_update,
+                                                      None)
+  elif settings.guard == 'select':
+    new_params, new_opt_state, new_ema = jax.tree_util.tree_map(
+        lambda new, old: jnp.where(finite, new, old), updated, skip_update(None))
+  else:
+    raise ValueError(f"StepSettings.guard is 'cond' or 'select', not {settings.guard!r}")
   new_state = TrainState(
       step=state.step + 1,
       params=new_params,
