@@ -172,7 +172,7 @@ def test_table_and_list_commands(tmp_path):
   listed = run_python(['-m', 'vit_jax.tools.benchmark_sweep', '--list'])
   assert listed.returncode == 0
   names = [name for name, _ in benchmark_sweep.VARIANTS]
-  assert len(names) == len(set(names)) == 21 and not any(',' in name for name in names)
+  assert len(names) == len(set(names)) == 22 and not any(',' in name for name in names)
   for name in names:
     assert any(line.startswith(name + ' ') for line in listed.stdout.splitlines()), name
   assert '--config.model.remat_policy=dots_no_batch' in listed.stdout

@@ -319,6 +319,29 @@ def test_a_step_that_does_not_fit_is_one_line_with_figures_and_remedies(tmp_path
   assert not workdir.exists()
 
 
+def test_the_remedies_offer_scan_only_with_remat_as_the_memory_plan_says():
+  """Scan alone plans more memory than the unrolled step (its loop hands out every residual
+  the backward reads), scan with remat=dots less: the out-of-memory line says so."""
+  import jax
+  import configs.quickstart as quickstart
+  from vit_jax.tools import memory
+  from vit_jax.train import config as config_lib
+  from vit_jax.train import out_of_memory
+
+  def resolved(scan, remat_policy):
+    config = quickstart.get_config()
+    config.model.update(num_layers=4, scan=scan, remat_policy=remat_policy)
+    return config_lib.resolve(config, jax.device_count())
+
+  plans = {(scan, remat): memory.train_step_planner(resolved(scan, remat), 10)(128)
+           for scan, remat in ((False, 'none'), (True, 'none'), (True, 'dots'))}
+  assert plans[True, 'none'] > plans[False, 'none'] > plans[True, 'dots'], plans
+  unrolled = out_of_memory.remedies(resolved(False, 'none'))
+  assert 'model.scan=True with model.remat_policy=dots (scan alone keeps more, not less)' in unrolled
+  assert 'model.scan=True' in out_of_memory.remedies(resolved(False, 'dots'))
+  assert not any('scan' in remedy for remedy in out_of_memory.remedies(resolved(True, 'none')))
+
+
 def test_a_bucket_gets_metrics_whole_at_flushes_and_every_upload_interval(tmp_path,
                                                                           monkeypatch):
   """In a bucket (here: local files written as a bucket's objects are, whole), rows wait in
