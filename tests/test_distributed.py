@@ -104,3 +104,49 @@ def test_two_processes_match_one_process_and_restore(tmp_path):
   np.testing.assert_allclose(_losses(multi), _losses(single), rtol=2e-4, atol=2e-5)
   # The checkpoint the two processes wrote together restores in this single process.
   _assert_trees_close(_params(multi), _params(single), **ADAM_TOLERANCE)
+
+
+def _run_two_processes(args):
+  """`train.py args` as processes 0 and 1 of a 2-process run (2 CPU devices each, gloo);
+  returns their `(returncode, stdout, stderr)`."""
+  port = _free_port()
+  env = python_env({'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+  processes = [
+      subprocess.Popen(
+          [sys.executable, 'train.py', *args, f'--coordinator_address=127.0.0.1:{port}',
+           '--num_processes=2', f'--process_id={process_id}'],
+          cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for process_id in (0, 1)]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  return [(p.returncode, out, err) for p, (out, err) in zip(processes, outputs)]
+
+
+@pytest.mark.slow
+def test_two_processes_set_an_unreadable_checkpoint_aside_together(tmp_path):
+  """A damaged newest checkpoint under a 2-process run: process 0 renames it, both resume from
+  the one before (one rename, no process left waiting) and save that step anew."""
+  workdir = tmp_path / 'multi'
+  every_2 = ['--config.checkpoint_every=2']
+  args = _args(str(workdir), steps=6, extra=every_2)
+  for returncode, _, err in _run_two_processes(args + ['--stop_at_step=4']):
+    assert returncode == 0, err[-3000:]
+  damaged, step_4 = {}, workdir / 'checkpoints' / '4'
+  for path in sorted(step_4.rglob('*')):
+    if path.is_file() and path.stat().st_size and path.name != 'commit_success.txt':
+      damaged[path.relative_to(step_4)] = path.read_bytes()[:path.stat().st_size // 2]
+      path.write_bytes(damaged[path.relative_to(step_4)])
+  assert damaged
+
+  results = _run_two_processes(args)
+  for returncode, _, err in results:
+    assert returncode == 0, err[-3000:]
+  out0 = results[0][1]
+  assert 'resuming from the checkpoint at step 2' in out0, out0[-3000:]
+  assert f'moved aside to {workdir}/checkpoints/4.unreadable' in out0
+  aside = workdir / 'checkpoints' / '4.unreadable'
+  for relative, data in damaged.items():  # moved whole, as it was
+    assert (aside / relative).read_bytes() == data
+  assert not (workdir / 'checkpoints' / '4.unreadable.2').exists()  # renamed once, not per process
+  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert 4 in steps and 6 in steps  # step 4 saved anew
+  assert len(_losses(workdir)) == 6  # steps 1-2, then 3-6 again after the resume: each once
