@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md in one call of a lent GPU machine (see "GPU" there):
 #   bash tools/gpu_figures.sh OUT_DIR [SECONDS]
-# versions, issue 18's ViT-Ti/16 and ViT-S/4 in bf16 (the rows a GPU has not yet given), the GPU
+# versions, issue 18's ViT-Ti/16 and ViT-S/4 in bf16 (small steps, where a
+# fixed cost per step shows: on 2026-11-27 the guard's lax.cond, 0.5 ms), the GPU
 # correctness tests (tests/test_gpu.py), the benchmark with --baseline for the sweep's ViT-B/16 bf16
 # baseline, the quickstart in bf16, then sweep variants of the B/16 (SWEEP_ONLY, comma-separated
 # names) while SECONDS (default 480) last. Each JSON line goes to
