@@ -77,35 +77,6 @@ def _free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process_and_restore(tmp_path):
-  single = str(tmp_path / 'single')
-  result = run_train(_args(single, steps=5),
-                     env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
-  assert result.returncode == 0, result.stderr[-3000:]
-
-  multi = str(tmp_path / 'multi')
-  port = _free_port()
-  env = python_env({'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
-  processes = [
-      subprocess.Popen(
-          [sys.executable, 'train.py', *_args(multi, steps=5),
-           f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-           f'--process_id={process_id}'],
-          cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for process_id in (0, 1)]
-  outputs = [p.communicate(timeout=600) for p in processes]
-  for p, (out, err) in zip(processes, outputs):
-    assert p.returncode == 0, err[-3000:]
-  assert 'on 4 cpu device(s)' in outputs[0][0]
-  assert outputs[1][0].count('step 5/5') == 0  # Only process 0 prints progress...
-  assert len(_losses(multi)) == 5              # ...and writes metrics, once per step.
-
-  np.testing.assert_allclose(_losses(multi), _losses(single), rtol=2e-4, atol=2e-5)
-  # The checkpoint the two processes wrote together restores in this single process.
-  _assert_trees_close(_params(multi), _params(single), **ADAM_TOLERANCE)
-
-
 def _run_two_processes(args):
   """`train.py args` as processes 0 and 1 of a 2-process run (2 CPU devices each, gloo);
   returns their `(returncode, stdout, stderr)`."""
@@ -122,6 +93,26 @@ def _run_two_processes(args):
 
 
 @pytest.mark.slow
+def test_two_processes_match_one_process_and_restore(tmp_path):
+  single = str(tmp_path / 'single')
+  result = run_train(_args(single, steps=5),
+                     env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  multi = str(tmp_path / 'multi')
+  outputs = _run_two_processes(_args(multi, steps=5))
+  for returncode, _, err in outputs:
+    assert returncode == 0, err[-3000:]
+  assert 'on 4 cpu device(s)' in outputs[0][1]
+  assert outputs[1][1].count('step 5/5') == 0  # Only process 0 prints progress...
+  assert len(_losses(multi)) == 5              # ...and writes metrics, once per step.
+
+  np.testing.assert_allclose(_losses(multi), _losses(single), rtol=2e-4, atol=2e-5)
+  # The checkpoint the two processes wrote together restores in this single process.
+  _assert_trees_close(_params(multi), _params(single), **ADAM_TOLERANCE)
+
+
+@pytest.mark.slow
 def test_two_processes_set_an_unreadable_checkpoint_aside_together(tmp_path):
   """A damaged newest checkpoint under a 2-process run: process 0 renames it, both resume from
   the one before (one rename, no process left waiting) and save that step anew."""
@@ -133,8 +124,9 @@ def test_two_processes_set_an_unreadable_checkpoint_aside_together(tmp_path):
   damaged, step_4 = {}, workdir / 'checkpoints' / '4'
   for path in sorted(step_4.rglob('*')):
     if path.is_file() and path.stat().st_size and path.name != 'commit_success.txt':
-      damaged[path.relative_to(step_4)] = path.read_bytes()[:path.stat().st_size // 2]
-      path.write_bytes(damaged[path.relative_to(step_4)])
+      half = path.read_bytes()[:path.stat().st_size // 2]
+      path.write_bytes(half)
+      damaged[path.relative_to(step_4)] = half
   assert damaged
 
   results = _run_two_processes(args)
